@@ -1,0 +1,349 @@
+"""The NGVI driver, shaped like ``numpyro.infer.SVI``: pure state, jitted and scanned steps.
+
+One step, for a guide with parameters ``theta`` and the loss ``L = -ELBO``:
+
+    g      = grad L(theta)                       (reparameterization trick, antithetic noise)
+    theta' = theta - lr (F + damping)^-1 g       (the guide's closed-form inverse Fisher)
+    accept iff L(theta') <= L(theta) on the same noise (common random numbers) and all finite
+
+and Levenberg-Marquardt adaptation of the damping from ``rho = actual / predicted`` decrease,
+``predicted = -<g, theta' - theta> / 2`` (exact for a Newton step on a quadratic): shrink it when
+``rho > 3/4``, grow it when ``rho < 1/4``, grow it more on a rejected step. A rejected step keeps
+the last good parameters. The RNG key and the step count live in the state, so ``update`` is pure
+and a run resumed from a saved state is bit-identical to one that never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ngvi.errors import ConfigError, FitError
+from ngvi.guides import Guide, tree_vdot
+
+__all__ = ["NGVI", "NGVIInfo", "NGVIRunResult", "NGVIState"]
+
+
+class NGVIState(NamedTuple):
+    params: Any  # the guide's parameters, last accepted iterate
+    avg_params: Any  # exponential moving average of accepted iterates (the reported fit)
+    damping: jax.Array  # () Levenberg-Marquardt damping
+    rng_key: jax.Array
+    step: jax.Array  # () int32, steps taken (accepted or rejected)
+    num_rejected: jax.Array  # () int32, total rejected steps
+    consecutive_rejected: jax.Array  # () int32
+    calm_steps: jax.Array  # () int32, consecutive steps with KL(avg_old || avg_new) < tol
+
+
+class NGVIInfo(NamedTuple):
+    loss: jax.Array  # -ELBO estimate at the parameters the step started from
+    accepted: jax.Array
+    damping: jax.Array
+    kl: jax.Array  # KL between consecutive averaged iterates
+
+
+class NGVIRunResult(NamedTuple):
+    params: Any  # averaged parameters: use these
+    state: NGVIState
+    losses: jax.Array  # (num_steps,) negative ELBO per step
+    num_steps: int  # steps actually run (earlier than asked if converged)
+    converged: bool
+    num_rejected: int
+    info: NGVIInfo
+    interrupted: bool = False
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray))
+
+
+def _split_data(args: tuple, kwargs: dict):
+    """Arrays in (args, kwargs) become traced inputs; everything else is static (hashable)."""
+    leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=lambda x: x is None)
+    dynamic = [x if _is_array(x) else None for x in leaves]
+    static = tuple(None if _is_array(x) else x for x in leaves)
+    return dynamic, (treedef, static)
+
+
+def _join_data(dynamic, spec):
+    treedef, static = spec
+    leaves = [d if s is None and d is not None else s for d, s in zip(dynamic, static)]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+class NGVI:
+    """Natural-gradient variational inference for a NumPyro ``model`` with an ngvi ``guide``.
+
+    :param lr: natural step size; 1.0 is the unit natural step and the default for every model.
+    :param damping: initial (and minimum) damping; how it enters the step is the guide's closed
+        form (see each guide).
+    :param num_particles: Monte Carlo samples per step (antithetic pairs when even).
+    :param adapt_damping: Levenberg-Marquardt adaptation of the damping.
+    :param average: decay of the moving average of iterates reported as the fit (0 = last iterate).
+    :param max_rejections: consecutive rejected steps after which ``run`` stops with ``FitError``.
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        guide: Guide,
+        *,
+        lr: float = 1.0,
+        damping: float = 0.0,
+        num_particles: int = 8,
+        adapt_damping: bool = True,
+        average: float = 0.9,
+        max_rejections: int = 50,
+    ):
+        _check_hyper(lr, damping, num_particles, average, max_rejections)
+        if not isinstance(guide, Guide):
+            raise ConfigError(
+                f"guide must be an ngvi guide (e.g. ngvi.MeanFieldGaussian(model)), got "
+                f"{type(guide).__name__}; for NumPyro autoguides use ngvi.advi."
+            )
+        if guide.model is not model:
+            raise ConfigError(
+                "the guide was built for another model function: build it with the same model, "
+                "e.g. NGVI(model, ngvi.MeanFieldGaussian(model))."
+            )
+        self.model, self.guide = model, guide
+        self.lr, self.damping, self.num_particles = float(lr), float(damping), int(num_particles)
+        self.adapt_damping, self.average = bool(adapt_damping), float(average)
+        self.max_rejections = int(max_rejections)
+        self._jitted: dict = {}
+
+    # -- pure pieces --------------------------------------------------------------------------
+    def init(self, rng_key: jax.Array, *args, **kwargs) -> NGVIState:
+        """Set the guide up on the model's data and return the initial state."""
+        key_setup, key_run = jax.random.split(rng_key)
+        target = self.guide.setup(key_setup, args, kwargs)
+        params = self.guide.init_params(target)
+        params = jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.result_type(float)), params)
+        i0 = jnp.zeros((), jnp.int32)
+        return NGVIState(params, params, jnp.asarray(self.damping, params_dtype(params)),
+                         key_run, i0, i0, i0, i0)
+
+    def _neg_elbo(self, params, eps, data, model_key):
+        """-ELBO = -(mean_k log p(x, z_k) + H[q]) with z_k the reparameterized samples."""
+        args, kwargs = data
+        target = self.guide.target
+        z = self.guide.reparam(params, eps)
+        logp = jax.vmap(lambda zi: target.log_density(zi, args, kwargs, model_key))(z)
+        return -(jnp.mean(logp) + self.guide.entropy(params))
+
+    def _step(self, state: NGVIState, data, tol) -> tuple[NGVIState, NGVIInfo]:
+        key, k_eps, k_model = jax.random.split(state.rng_key, 3)
+        eps = self.guide.base_noise(k_eps, self.num_particles)
+        model_key = k_model if self.guide.target.has_subsample else None
+        loss_fn = lambda p: self._neg_elbo(p, eps, data, model_key)
+        loss, grad = jax.value_and_grad(loss_fn)(state.params)
+        proposal = self.guide.natural_step(state.params, grad, self.lr, state.damping, state.step)
+        new_loss = loss_fn(proposal)
+        actual = loss - new_loss
+        predicted = -0.5 * tree_vdot(grad, jax.tree.map(jnp.subtract, proposal, state.params))
+        finite = jnp.isfinite(loss) & jnp.isfinite(new_loss) & _all_finite(proposal) & _all_finite(grad)
+        slack = 16 * jnp.finfo(loss.dtype).eps * (jnp.abs(loss) + 1.0)  # rounding, not a worse fit
+        accept = finite & (actual >= -slack)
+        damping = self._adapt(state.damping, accept, actual, predicted)
+        params = jax.tree.map(lambda a, b: jnp.where(accept, a, b), proposal, state.params)
+        # bias-corrected EMA (as in Adam): avg_n = avg_{n-1} + w_n (theta_n - avg_{n-1}),
+        # w_n = (1 - beta) / (1 - beta^n), n = accepted steps; the start is forgotten as beta^n
+        n = (state.step - state.num_rejected + 1).astype(loss.dtype)
+        w = 1.0 if self.average == 0 else (1 - self.average) / (1 - self.average**n)
+        avg = jax.tree.map(lambda a, p: jnp.where(accept, a + w * (p - a), a), state.avg_params, params)
+        kl = self.guide.kl(state.avg_params, avg)
+        calm = jnp.where(kl < tol, state.calm_steps + 1, 0)
+        rejected = (~accept).astype(jnp.int32)
+        new_state = NGVIState(
+            params, avg, damping, key, state.step + 1, state.num_rejected + rejected,
+            jnp.where(accept, 0, state.consecutive_rejected + 1), calm,
+        )
+        return new_state, NGVIInfo(loss, accept, state.damping, kl)
+
+    def _adapt(self, damping, accept, actual, predicted):
+        """Levenberg-Marquardt rule (Martens & Grosse 2015, sec. 6.5), NaN counts as failure."""
+        if not self.adapt_damping:
+            return damping
+        rho = jnp.where(predicted > 0, actual / predicted, 1.0)
+        floor = self.damping
+        grown = jnp.maximum(2.0 * damping, 1e-2)
+        new = jnp.where(rho > 0.75, jnp.maximum(0.5 * damping, floor), damping)
+        new = jnp.where(rho < 0.25, grown, new)
+        new = jnp.where(accept, new, jnp.maximum(4.0 * damping, 0.1))
+        return jnp.where(new < 1e-3 + floor, floor, new)
+
+    # -- jitted entry points --------------------------------------------------------------------
+    def _compiled(self, name: str, spec, chunk: int = 0):
+        key = (name, spec, chunk)
+        if key not in self._jitted:
+            if name == "update":
+                def fn(state, dynamic, tol):
+                    return self._step(state, _join_data(dynamic, spec), tol)
+            elif name == "evaluate":
+                def fn(state, dynamic, key):
+                    eps = self.guide.base_noise(key, self.num_particles)
+                    mk = key if self.guide.target.has_subsample else None
+                    return self._neg_elbo(state.avg_params, eps, _join_data(dynamic, spec), mk)
+            else:
+                def fn(state, dynamic, tol, stop_at):
+                    return self._scan(state, _join_data(dynamic, spec), tol, stop_at, chunk)
+            self._jitted[key] = jax.jit(fn)
+        return self._jitted[key]
+
+    def _scan(self, state, data, tol, stop_at, chunk):
+        def body(s, _):
+            done = (s.step >= stop_at) | (s.calm_steps >= self._patience) | (
+                s.consecutive_rejected >= self.max_rejections)
+            nan_info = NGVIInfo(jnp.nan, jnp.array(False), s.damping, jnp.nan)
+            return lax.cond(done, lambda s: (s, nan_info), lambda s: self._step(s, data, tol), s)
+        return lax.scan(body, state, None, length=chunk)
+
+    _patience = 10
+
+    def update(self, state: NGVIState, *args, **kwargs) -> tuple[NGVIState, jax.Array]:
+        """One natural step; returns the new state and the loss (-ELBO) it started from."""
+        dynamic, spec = _split_data(args, kwargs)
+        new_state, info = self._compiled("update", spec)(state, dynamic, jnp.asarray(-1.0))
+        return new_state, info.loss
+
+    def evaluate(self, state: NGVIState, *args, **kwargs) -> jax.Array:
+        """-ELBO of the averaged parameters, on fresh noise derived from the state's key."""
+        dynamic, spec = _split_data(args, kwargs)
+        key = jax.random.fold_in(state.rng_key, 1)
+        return self._compiled("evaluate", spec)(state, dynamic, key)
+
+    def get_params(self, state: NGVIState) -> Any:
+        """The averaged parameters (the fit to report)."""
+        return state.avg_params
+
+    def run(
+        self,
+        rng_key: jax.Array,
+        num_steps: int,
+        *args,
+        progress_bar: bool = True,
+        tol: float | None = None,
+        init_state: NGVIState | None = None,
+        chunk_size: int = 100,
+        **kwargs,
+    ) -> NGVIRunResult:
+        """Run up to ``num_steps`` steps (from ``init_state`` if given), scanned in jitted chunks.
+
+        With ``tol``, stop once the KL between consecutive averaged iterates stays below ``tol``
+        for 10 steps. Ctrl-C returns the partial result with the last good state.
+        """
+        if not (isinstance(num_steps, (int, np.integer)) and num_steps >= 1):
+            raise ConfigError(f"num_steps must be a positive integer, got {num_steps!r}.")
+        if tol is not None and not tol > 0:
+            raise ConfigError(f"tol must be positive (nats of KL per step), got {tol!r}.")
+        state = init_state if init_state is not None else self.init(rng_key, *args, **kwargs)
+        if init_state is not None:
+            self.guide.setup(jax.random.PRNGKey(0), args, kwargs)
+        dynamic, spec = _split_data(args, kwargs)
+        fn = self._compiled("run", spec, int(chunk_size))
+        stop_at = state.step + num_steps
+        tol_arr = jnp.asarray(-1.0 if tol is None else tol)
+        infos, interrupted = [], False
+        bar = _progress(num_steps, progress_bar)
+        try:
+            while int(state.step) < int(stop_at):
+                before = int(state.step)
+                state, info = fn(state, dynamic, tol_arr, stop_at)
+                infos.append(info)
+                if bar is not None:
+                    bar.update(int(state.step) - before)
+                    bar.set_postfix(loss=f"{_last_finite(info.loss):.4g}", damping=f"{float(state.damping):.2g}")
+                if int(state.step) == before or _should_stop(state, self):
+                    break
+        except KeyboardInterrupt:
+            interrupted = True
+            warnings.warn("run interrupted: returning the last good state", stacklevel=2)
+        finally:
+            if bar is not None:
+                bar.close()
+        return self._result(state, infos, interrupted)
+
+    def _result(self, state, infos, interrupted) -> NGVIRunResult:
+        if infos:
+            info = jax.tree.map(lambda *x: jnp.concatenate(x), *infos)
+            keep = np.nonzero(~np.isnan(np.asarray(info.kl)))[0]  # skipped steps have kl=NaN
+            info = jax.tree.map(lambda x: x[keep], info)
+            n_run = len(keep)
+        else:
+            info, n_run = NGVIInfo(*(jnp.zeros((0,)),) * 4), 0
+        result = NGVIRunResult(
+            self.get_params(state), state, info.loss, n_run,
+            bool(state.calm_steps >= self._patience), int(state.num_rejected), info, interrupted,
+        )
+        if int(state.consecutive_rejected) >= self.max_rejections:
+            raise FitError(_rejection_message(self, state, info), result)
+        return result
+
+
+def _should_stop(state: NGVIState, engine: NGVI) -> bool:
+    return bool(state.calm_steps >= engine._patience) or bool(
+        state.consecutive_rejected >= engine.max_rejections)
+
+
+def _rejection_message(engine, state, info) -> str:
+    losses = np.asarray(info.loss)
+    cause = (
+        "the ELBO is not finite at the current parameters (the log density or its gradient "
+        "overflows: check priors and data scale, or try float64)"
+        if losses.size and not np.isfinite(losses[-1])
+        else f"no step improved the ELBO even with damping {float(state.damping):.3g}"
+    )
+    return (
+        f"{engine.max_rejections} consecutive steps were rejected at step {int(state.step)}: "
+        f"{cause}. The result holds the last good state (FitError.result)."
+    )
+
+
+def _last_finite(x) -> float:
+    x = np.asarray(x)
+    x = x[np.isfinite(x)]
+    return float(x[-1]) if x.size else float("nan")
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="ngvi", leave=False)
+
+
+def params_dtype(params) -> Any:
+    return jax.tree.leaves(params)[0].dtype
+
+
+def _check_hyper(lr, damping, num_particles, average, max_rejections) -> None:
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"lr must be a positive finite number (1.0 is the unit natural step), got {lr!r}.")
+    if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
+        raise ConfigError(f"damping must be a finite number >= 0, got {damping!r}.")
+    if not (isinstance(num_particles, (int, np.integer)) and num_particles >= 1):
+        raise ConfigError(f"num_particles must be an integer >= 1, got {num_particles!r}.")
+    if not 0 <= average < 1:
+        raise ConfigError(f"average must be in [0, 1) (decay of the iterate average), got {average!r}.")
+    if not (isinstance(max_rejections, (int, np.integer)) and max_rejections >= 1):
+        raise ConfigError(f"max_rejections must be an integer >= 1, got {max_rejections!r}.")
+
+
+def timed(fn: Callable, *a, **k) -> tuple[Any, float]:
+    """Call fn and return (result, seconds), blocking on JAX arrays."""
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn(*a, **k))
+    return out, time.perf_counter() - t0

@@ -1,0 +1,237 @@
+"""A NumPyro model and its data as a flat unconstrained log density, with the site layout.
+
+``make_target(model, args, kwargs)`` checks the model and its data once, then returns a
+``Target``: the ordered latent sites, their shapes and constraint transforms, and pure functions
+
+    log_density(z, args, kwargs, rng_key) = log p(x, T(z)) + log |det dT/dz|(z)
+
+on a flat unconstrained vector ``z`` of length ``dim``, and ``constrain(z, ...)`` back to a dict of
+constrained values per site. Both are built on NumPyro's own machinery
+(``numpyro.infer.util.potential_energy`` / ``constrain_fn``), so plates, ``scale`` and subsampled
+plates (``numpyro.plate(..., subsample_size=m)``, which scales the likelihood by N/m) are honoured
+exactly as NumPyro does it. Data are passed to these functions rather than closed over, so one
+compiled step serves any data of the same shape.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+from jax.flatten_util import ravel_pytree
+from numpyro.distributions.transforms import biject_to
+from numpyro.handlers import seed, substitute, trace
+from numpyro.infer.initialization import init_to_median, init_to_uniform
+from numpyro.infer.util import constrain_fn, log_density, potential_energy
+
+from ngvi.errors import DataError, ModelError
+
+__all__ = ["Site", "Target", "make_target"]
+
+
+class Site(NamedTuple):
+    """One latent site: its place in the flat unconstrained vector and its constraint."""
+
+    name: str
+    shape: tuple[int, ...]  # constrained (event + batch) shape, as the model samples it
+    unconstrained_shape: tuple[int, ...]
+    support: Any  # numpyro constraint
+    offset: int  # first index in the flat vector
+    size: int  # number of unconstrained coordinates
+
+
+class Target(NamedTuple):
+    """The static layout of a model's latent space plus pure functions on flat vectors."""
+
+    model: Callable
+    sites: tuple[Site, ...]
+    dim: int
+    init_z: jax.Array  # (dim,) a point where the log density is finite
+    unravel: Callable[[jax.Array], dict]
+    has_subsample: bool
+    signature: str  # names, shapes and supports of the sites: checks a guide against a model
+
+    def log_density(self, z: jax.Array, args=(), kwargs=None, rng_key=None) -> jax.Array:
+        """log p(x, T(z)) + log|J_T(z)| for one flat unconstrained z of shape (dim,)."""
+        model = self.model if rng_key is None else seed(self.model, rng_key)
+        return -potential_energy(model, args, kwargs or {}, self.unravel(z))
+
+    def constrain(self, z: jax.Array, args=(), kwargs=None, rng_key=None) -> dict:
+        """Constrained values per site (deterministic sites included) for z of shape (..., dim)."""
+        model = self.model if rng_key is None else seed(self.model, rng_key)
+        lead = z.shape[:-1]
+        flat = z.reshape((-1, self.dim))
+
+        def one(zi):
+            return constrain_fn(model, args, kwargs or {}, self.unravel(zi), return_deterministic=True)
+
+        out = jax.vmap(one)(flat)
+        return {k: v.reshape(lead + v.shape[1:]) for k, v in out.items()}
+
+    def site_slices(self) -> dict[str, slice]:
+        """Where each site lives in the flat vector."""
+        return {s.name: slice(s.offset, s.offset + s.size) for s in self.sites}
+
+
+def _trace_model(model, args, kwargs, rng_key):
+    """Trace the model once with every latent site at a valid point (improper sites included)."""
+    model = substitute(seed(model, rng_key), substitute_fn=init_to_uniform)
+    try:
+        return trace(model).get_trace(*args, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise DataError(
+            f"the model failed on its data: {e}. Check that the args/kwargs match the model's "
+            "signature and that the data shapes broadcast with the model's plates."
+        ) from e
+
+
+def _check_observed(site) -> None:
+    """Observed values must be finite and inside the likelihood's support."""
+    name, value, fn = site["name"], site["value"], site["fn"]
+    arr = np.asarray(value)
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        bad = arr[~np.isfinite(arr)].ravel()[0]
+        idx = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
+        raise DataError(
+            f"observed site '{name}' holds a non-finite value ({bad}) at index {idx}: "
+            "drop or impute missing observations before fitting."
+        )
+    support = getattr(fn, "support", None)
+    if support is None:
+        return
+    ok = np.asarray(support(jnp.asarray(value)))
+    if not np.all(ok):
+        pos = np.argwhere(~np.broadcast_to(ok, ok.shape))
+        idx = tuple(int(i) for i in pos[0]) if pos.size else ()
+        bad = np.broadcast_to(arr, ok.shape)[idx] if arr.ndim else arr
+        raise DataError(
+            f"observed site '{name}' has value {bad} at index {idx} outside the support of its "
+            f"{type(fn).__name__} likelihood ({support}): fix the data or choose a likelihood "
+            "whose support contains it."
+        )
+
+
+def _check_latent(site) -> None:
+    name, fn = site["name"], site["fn"]
+    if fn.support.is_discrete or getattr(fn, "is_discrete", False):
+        raise ModelError(
+            f"latent site '{name}' is discrete ({type(fn).__name__}, support {fn.support}): ngvi "
+            "fits continuous latent variables. Marginalize it out (e.g. dist.MixtureSameFamily "
+            "or a logsumexp over its values), observe it, or use ngvi.em for mixture models."
+        )
+
+
+def _latent_sites(tr) -> list:
+    out = []
+    for site in tr.values():
+        if site["type"] != "sample":
+            continue
+        if site["is_observed"]:
+            _check_observed(site)
+        elif not site.get("infer", {}).get("is_auxiliary", False):
+            _check_latent(site)
+            out.append(site)
+    return out
+
+
+def _improper_without_likelihood(model, args, kwargs, z0, unravel, sites, rng_key) -> None:
+    """An ImproperUniform site that no observed site depends on makes the posterior improper."""
+    improper = [s for s in sites if isinstance(s["fn"], dist.ImproperUniform)]
+    if not improper:
+        return
+
+    def loglik(z):
+        params = constrain_fn(seed(model, rng_key), args, kwargs, unravel(z))
+        _, tr = log_density(seed(model, rng_key), args, kwargs, params)
+        terms = [jnp.sum(s["fn"].log_prob(s["value"])) for s in tr.values()
+                 if s["type"] == "sample" and s["is_observed"]]
+        return sum(terms) if terms else jnp.zeros(())
+
+    g = unravel(jax.grad(loglik)(z0 + 0.1))
+    for s in improper:
+        if not np.any(np.asarray(g[s["name"]]) != 0):
+            raise ModelError(
+                f"latent site '{s['name']}' has an improper prior ({type(s['fn']).__name__}) "
+                "and no observed site depends on it, so its posterior is improper: give it a "
+                "proper prior or condition it on data."
+            )
+
+
+def make_target(
+    model: Callable,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    *,
+    rng_key: jax.Array | None = None,
+    init_strategy: Callable | None = None,
+) -> Target:
+    """Check ``model(*args, **kwargs)`` and lay out its latent sites as one flat vector.
+
+    Raises ``ModelError`` for a discrete latent site, an improper posterior, no latent site or a
+    log density that is not finite at any initial point, and ``DataError`` for non-finite or
+    out-of-support observations; every message names the site.
+    """
+    kwargs = dict(kwargs or {})
+    rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
+    init_strategy = init_strategy or init_to_median(num_samples=15)
+    tr = _trace_model(model, args, kwargs, rng_key)
+    latent = _latent_sites(tr)
+    if not latent:
+        raise ModelError(
+            "the model has no latent sample site: every numpyro.sample is observed, so there is "
+            "no posterior to fit. Remove obs= from the sites you want to infer."
+        )
+    has_subsample = any(
+        s["type"] == "plate" and s["args"][1] is not None and s["args"][1] != s["args"][0]
+        for s in tr.values()
+    )
+    unc = {s["name"]: biject_to(s["fn"].support).inv(s["value"]) for s in latent}
+    z_proto, unravel = ravel_pytree(unc)
+    z0 = _find_init(model, args, kwargs, latent, unravel, rng_key, init_strategy)
+    _improper_without_likelihood(model, args, kwargs, z0, unravel, latent, rng_key)
+    sites, offset = [], 0
+    for s in sorted(latent, key=lambda s: s["name"]):  # ravel_pytree orders dict keys by name
+        ushape = tuple(jnp.shape(unc[s["name"]]))
+        size = int(math.prod(ushape))
+        sites.append(Site(s["name"], tuple(jnp.shape(s["value"])), ushape, s["fn"].support, offset, size))
+        offset += size
+    signature = ";".join(f"{s.name}{s.shape}{s.support}" for s in sites)
+    return Target(model, tuple(sites), int(z_proto.size), z0, unravel, has_subsample, signature)
+
+
+def _find_init(model, args, kwargs, latent, unravel, rng_key, init_strategy, tries: int = 20):
+    """A flat unconstrained point with a finite log density and gradient, else a ModelError
+    naming the sites whose log probability is not finite."""
+    for i in range(tries):
+        key = jax.random.fold_in(rng_key, i)
+        strategy = init_strategy if i == 0 else init_to_uniform(radius=2.0)
+        tr = trace(substitute(seed(model, key), substitute_fn=strategy)).get_trace(*args, **kwargs)
+        unc = {s["name"]: biject_to(s["fn"].support).inv(tr[s["name"]]["value"]) for s in latent}
+        z, _ = ravel_pytree(unc)
+        def pot(z, key=key):
+            return potential_energy(seed(model, key), args, kwargs, unravel(z))
+
+        pe, g = jax.value_and_grad(pot)(z)
+        if np.isfinite(pe) and np.all(np.isfinite(g)):
+            return z
+    bad = _nonfinite_sites(tr)
+    raise ModelError(
+        f"the model's log density is not finite at any of {tries} initial points; the log "
+        f"probability of site(s) {bad} is -inf or NaN there. Check the parameters of these sites "
+        "(e.g. a scale that can be zero or negative) and that the data lie in their support."
+    )
+
+
+def _nonfinite_sites(tr) -> list[str]:
+    bad = []
+    for s in tr.values():
+        if s["type"] == "sample":
+            lp = s["fn"].log_prob(s["value"])
+            if not np.all(np.isfinite(np.asarray(lp))):
+                bad.append(s["name"])
+    return bad or ["<unknown>"]
