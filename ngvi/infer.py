@@ -104,7 +104,7 @@ class NGVI:
         damping: float = 0.0,
         num_particles: int = 8,
         adapt_damping: bool = True,
-        average: float = 0.9,
+        average: float = 0.99,
         max_rejections: int = 50,
     ):
         _check_hyper(lr, damping, num_particles, average, max_rejections)
@@ -158,10 +158,10 @@ class NGVI:
         accept = finite & (actual >= -slack)
         damping = self._adapt(state.damping, accept, actual, predicted)
         params = jax.tree.map(lambda a, b: jnp.where(accept, a, b), proposal, state.params)
-        # bias-corrected EMA (as in Adam): avg_n = avg_{n-1} + w_n (theta_n - avg_{n-1}),
-        # w_n = (1 - beta) / (1 - beta^n), n = accepted steps; the start is forgotten as beta^n
-        n = (state.step - state.num_rejected + 1).astype(loss.dtype)
-        w = 1.0 if self.average == 0 else (1 - self.average) / (1 - self.average**n)
+        # iterate averaging over a window that grows with the run (the last ~10% of accepted
+        # steps, capped by ``average``): early iterates are forgotten, late noise averages out
+        n = (state.step - state.num_rejected).astype(loss.dtype)
+        w = jnp.maximum(1.0 / (1.0 + 0.1 * n), 1.0 - self.average)
         avg = jax.tree.map(lambda a, p: jnp.where(accept, a + w * (p - a), a), state.avg_params, params)
         kl = self.guide.kl(state.avg_params, avg)
         calm = jnp.where(kl < tol, state.calm_steps + 1, 0)
@@ -178,8 +178,8 @@ class NGVI:
             return damping
         rho = jnp.where(predicted > 0, actual / predicted, 1.0)
         floor = self.damping
-        grown = jnp.maximum(2.0 * damping, 1e-2)
-        new = jnp.where(rho > 0.75, jnp.maximum(0.5 * damping, floor), damping)
+        grown = jnp.maximum(damping / 0.77, 1e-2)
+        new = jnp.where(rho > 0.75, jnp.maximum(0.77 * damping, floor), damping)
         new = jnp.where(rho < 0.25, grown, new)
         new = jnp.where(accept, new, jnp.maximum(4.0 * damping, 0.1))
         return jnp.where(new < 1e-3 + floor, floor, new)
