@@ -57,11 +57,16 @@ def advi(
         if guide not in ("meanfield", "fullrank"):
             raise ConfigError(f"guide must be 'meanfield' or 'fullrank', got {guide!r}.")
         auto = AutoNormal if guide == "meanfield" else AutoMultivariateNormal
-        svi = SVI(model, auto(model, init_scale=init_scale), optax.adam(lr),
-                  Trace_ELBO(num_particles=num_particles))
+        svi = SVI(
+            model,
+            auto(model, init_scale=init_scale),
+            optax.adam(lr),
+            Trace_ELBO(num_particles=num_particles),
+        )
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
-    res = svi.run(rng_key, num_steps, *args, progress_bar=progress_bar, init_state=init_state,
-                  **kwargs)
+    res = svi.run(
+        rng_key, num_steps, *args, progress_bar=progress_bar, init_state=init_state, **kwargs
+    )
     return ADVIResult(res.params, res.state, res.losses, num_steps, svi.guide, svi)
 
 
@@ -88,8 +93,11 @@ def nuts(
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
     mcmc = MCMC(
         NUTS(model, target_accept_prob=target_accept_prob),
-        num_warmup=num_warmup, num_samples=num_samples, num_chains=num_chains,
-        chain_method="sequential", progress_bar=progress_bar,
+        num_warmup=num_warmup,
+        num_samples=num_samples,
+        num_chains=num_chains,
+        chain_method="sequential",
+        progress_bar=progress_bar,
     )
     mcmc.run(rng_key, *args, **kwargs)
     return mcmc

@@ -46,7 +46,9 @@ class Guide:
     # -- layout ---------------------------------------------------------------------------
     def setup(self, rng_key: jax.Array, args: tuple = (), kwargs: dict | None = None) -> Target:
         """Lay out the model's latent space (once) and return the ``Target``."""
-        target = make_target(self.model, args, kwargs, rng_key=rng_key, init_strategy=self.init_strategy)
+        target = make_target(
+            self.model, args, kwargs, rng_key=rng_key, init_strategy=self.init_strategy
+        )
         if self._target is not None and self._target.signature != target.signature:
             raise ModelError(
                 f"this {type(self).__name__} was set up for a model with latent sites "
@@ -89,7 +91,12 @@ class Guide:
     def entropy(self, params: dict) -> jax.Array:
         raise NotImplementedError
 
-    def natural_step(self, params: dict, grad: dict, lr, damping, step) -> dict:
+    def natural_step(self, params: dict, grad: dict, lr, damping, step, ctx=None) -> dict:
+        """New parameters after one damped natural step on the loss -ELBO with gradient ``grad``.
+
+        ``ctx`` (``ngvi.infer.StepContext``) carries the step's noise, data and loss function for
+        guides whose curvature needs more than the gradient. Carried statistics (e.g. running
+        Kronecker factors) live in ``params`` as leaves the sampler does not differentiate."""
         raise NotImplementedError
 
     def kl(self, p: dict, q: dict) -> jax.Array:
@@ -230,7 +237,7 @@ class MeanFieldGaussian(Guide):
         f = MeanFieldGaussian.fisher(params)
         return {k: v[k] / (f[k] + damping) for k in ("loc", "scale")}
 
-    def natural_step(self, params: dict, grad: dict, lr, damping, step) -> dict:
+    def natural_step(self, params: dict, grad: dict, lr, damping, step, ctx=None) -> dict:
         """One damped natural step on the loss -ELBO, given its gradient ``grad``."""
         if self.coords == "meanscale":
             d = self.fisher_inverse(params, grad, damping)

@@ -50,6 +50,16 @@ class NGVIInfo(NamedTuple):
     kl: jax.Array  # KL between consecutive averaged iterates
 
 
+class StepContext(NamedTuple):
+    """What a guide's ``natural_step`` may use beyond the gradient (curvature estimates such as
+    K-FAC factors or Hessian-vector products need the noise, the data and the loss)."""
+
+    eps: jax.Array  # (num_particles, ...) the step's base noise
+    data: tuple  # (args, kwargs) of the model
+    model_key: Any  # key for the model's own randomness (subsampling), or None
+    loss_fn: Callable  # params -> -ELBO on this noise and minibatch
+
+
 class NGVIRunResult(NamedTuple):
     params: Any  # averaged parameters: use these
     state: NGVIState
@@ -132,8 +142,9 @@ class NGVI:
         params = self.guide.init_params(target)
         params = jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.result_type(float)), params)
         i0 = jnp.zeros((), jnp.int32)
-        return NGVIState(params, params, jnp.asarray(self.damping, params_dtype(params)),
-                         key_run, i0, i0, i0, i0)
+        return NGVIState(
+            params, params, jnp.asarray(self.damping, params_dtype(params)), key_run, i0, i0, i0, i0
+        )
 
     def _neg_elbo(self, params, eps, data, model_key):
         """-ELBO = -(mean_k log p(x, z_k) + H[q]) with z_k the reparameterized samples."""
@@ -149,11 +160,16 @@ class NGVI:
         model_key = k_model if self.guide.target.has_subsample else None
         loss_fn = lambda p: self._neg_elbo(p, eps, data, model_key)
         loss, grad = jax.value_and_grad(loss_fn)(state.params)
-        proposal = self.guide.natural_step(state.params, grad, self.lr, state.damping, state.step)
+        ctx = StepContext(eps, data, model_key, loss_fn)
+        proposal = self.guide.natural_step(
+            state.params, grad, self.lr, state.damping, state.step, ctx
+        )
         new_loss = loss_fn(proposal)
         actual = loss - new_loss
         predicted = -0.5 * tree_vdot(grad, jax.tree.map(jnp.subtract, proposal, state.params))
-        finite = jnp.isfinite(loss) & jnp.isfinite(new_loss) & _all_finite(proposal) & _all_finite(grad)
+        finite = (
+            jnp.isfinite(loss) & jnp.isfinite(new_loss) & _all_finite(proposal) & _all_finite(grad)
+        )
         slack = 16 * jnp.finfo(loss.dtype).eps * (jnp.abs(loss) + 1.0)  # rounding, not a worse fit
         accept = finite & (actual >= -slack)
         damping = self._adapt(state.damping, accept, actual, predicted)
@@ -162,13 +178,21 @@ class NGVI:
         # steps, capped by ``average``): early iterates are forgotten, late noise averages out
         n = (state.step - state.num_rejected).astype(loss.dtype)
         w = jnp.maximum(1.0 / (1.0 + 0.1 * n), 1.0 - self.average)
-        avg = jax.tree.map(lambda a, p: jnp.where(accept, a + w * (p - a), a), state.avg_params, params)
+        avg = jax.tree.map(
+            lambda a, p: jnp.where(accept, a + w * (p - a), a), state.avg_params, params
+        )
         kl = self.guide.kl(state.avg_params, avg)
         calm = jnp.where(kl < tol, state.calm_steps + 1, 0)
         rejected = (~accept).astype(jnp.int32)
         new_state = NGVIState(
-            params, avg, damping, key, state.step + 1, state.num_rejected + rejected,
-            jnp.where(accept, 0, state.consecutive_rejected + 1), calm,
+            params,
+            avg,
+            damping,
+            key,
+            state.step + 1,
+            state.num_rejected + rejected,
+            jnp.where(accept, 0, state.consecutive_rejected + 1),
+            calm,
         )
         return new_state, NGVIInfo(loss, accept, state.damping, kl)
 
@@ -189,25 +213,33 @@ class NGVI:
         key = (name, spec, chunk)
         if key not in self._jitted:
             if name == "update":
+
                 def fn(state, dynamic, tol):
                     return self._step(state, _join_data(dynamic, spec), tol)
             elif name == "evaluate":
+
                 def fn(state, dynamic, key):
                     eps = self.guide.base_noise(key, self.num_particles)
                     mk = key if self.guide.target.has_subsample else None
                     return self._neg_elbo(state.avg_params, eps, _join_data(dynamic, spec), mk)
             else:
+
                 def fn(state, dynamic, tol, stop_at):
                     return self._scan(state, _join_data(dynamic, spec), tol, stop_at, chunk)
+
             self._jitted[key] = jax.jit(fn)
         return self._jitted[key]
 
     def _scan(self, state, data, tol, stop_at, chunk):
         def body(s, _):
-            done = (s.step >= stop_at) | (s.calm_steps >= self._patience) | (
-                s.consecutive_rejected >= self.max_rejections)
+            done = (
+                (s.step >= stop_at)
+                | (s.calm_steps >= self._patience)
+                | (s.consecutive_rejected >= self.max_rejections)
+            )
             nan_info = NGVIInfo(jnp.nan, jnp.array(False), s.damping, jnp.nan)
             return lax.cond(done, lambda s: (s, nan_info), lambda s: self._step(s, data, tol), s)
+
         return lax.scan(body, state, None, length=chunk)
 
     _patience = 10
@@ -264,7 +296,9 @@ class NGVI:
                 infos.append(info)
                 if bar is not None:
                     bar.update(int(state.step) - before)
-                    bar.set_postfix(loss=f"{_last_finite(info.loss):.4g}", damping=f"{float(state.damping):.2g}")
+                    bar.set_postfix(
+                        loss=f"{_last_finite(info.loss):.4g}", damping=f"{float(state.damping):.2g}"
+                    )
                 if int(state.step) == before or _should_stop(state, self):
                     break
         except KeyboardInterrupt:
@@ -284,8 +318,14 @@ class NGVI:
         else:
             info, n_run = NGVIInfo(*(jnp.zeros((0,)),) * 4), 0
         result = NGVIRunResult(
-            self.get_params(state), state, info.loss, n_run,
-            bool(state.calm_steps >= self._patience), int(state.num_rejected), info, interrupted,
+            self.get_params(state),
+            state,
+            info.loss,
+            n_run,
+            bool(state.calm_steps >= self._patience),
+            int(state.num_rejected),
+            info,
+            interrupted,
         )
         if int(state.consecutive_rejected) >= self.max_rejections:
             raise FitError(_rejection_message(self, state, info), result)
@@ -294,7 +334,8 @@ class NGVI:
 
 def _should_stop(state: NGVIState, engine: NGVI) -> bool:
     return bool(state.calm_steps >= engine._patience) or bool(
-        state.consecutive_rejected >= engine.max_rejections)
+        state.consecutive_rejected >= engine.max_rejections
+    )
 
 
 def _rejection_message(engine, state, info) -> str:
@@ -331,13 +372,17 @@ def params_dtype(params) -> Any:
 
 def _check_hyper(lr, damping, num_particles, average, max_rejections) -> None:
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ConfigError(f"lr must be a positive finite number (1.0 is the unit natural step), got {lr!r}.")
+        raise ConfigError(
+            f"lr must be a positive finite number (1.0 is the unit natural step), got {lr!r}."
+        )
     if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
         raise ConfigError(f"damping must be a finite number >= 0, got {damping!r}.")
     if not (isinstance(num_particles, (int, np.integer)) and num_particles >= 1):
         raise ConfigError(f"num_particles must be an integer >= 1, got {num_particles!r}.")
     if not 0 <= average < 1:
-        raise ConfigError(f"average must be in [0, 1) (decay of the iterate average), got {average!r}.")
+        raise ConfigError(
+            f"average must be in [0, 1) (decay of the iterate average), got {average!r}."
+        )
     if not (isinstance(max_rejections, (int, np.integer)) and max_rejections >= 1):
         raise ConfigError(f"max_rejections must be an integer >= 1, got {max_rejections!r}.")
 

@@ -29,8 +29,9 @@ def crn_noise(dim: int, num_samples: int = 4096, seed: int = 0) -> jax.Array:
     return jnp.concatenate([half, -half])
 
 
-def make_elbo_scorer(target: Target, args=(), kwargs=None, eps: jax.Array | None = None,
-                     chunk: int = 512) -> Callable:
+def make_elbo_scorer(
+    target: Target, args=(), kwargs=None, eps: jax.Array | None = None, chunk: int = 512
+) -> Callable:
     """A jitted ``score(loc, scale) -> ELBO`` with fixed noise; vectorizes over leading dims of
     (loc, scale) (e.g. a trace of checkpoints)."""
     eps = crn_noise(target.dim) if eps is None else eps
@@ -41,8 +42,11 @@ def make_elbo_scorer(target: Target, args=(), kwargs=None, eps: jax.Array | None
 
     def score(loc, scale):
         z = loc + scale * eps  # (K, d)
-        lp = jax.lax.map(logp_batch, z.reshape(-1, chunk, d)) if z.shape[0] % chunk == 0 \
+        lp = (
+            jax.lax.map(logp_batch, z.reshape(-1, chunk, d))
+            if z.shape[0] % chunk == 0
             else logp_batch(z)
+        )
         return jnp.mean(lp) + jnp.sum(jnp.log(scale)) + 0.5 * d * math.log(2 * math.pi * math.e)
 
     def batched(loc, scale):

@@ -68,7 +68,9 @@ class Target(NamedTuple):
         flat = z.reshape((-1, self.dim))
 
         def one(zi):
-            return constrain_fn(model, args, kwargs or {}, self.unravel(zi), return_deterministic=True)
+            return constrain_fn(
+                model, args, kwargs or {}, self.unravel(zi), return_deterministic=True
+            )
 
         out = jax.vmap(one)(flat)
         return {k: v.reshape(lead + v.shape[1:]) for k, v in out.items()}
@@ -148,8 +150,11 @@ def _improper_without_likelihood(model, args, kwargs, z0, unravel, sites, rng_ke
     def loglik(z):
         params = constrain_fn(seed(model, rng_key), args, kwargs, unravel(z))
         _, tr = log_density(seed(model, rng_key), args, kwargs, params)
-        terms = [jnp.sum(s["fn"].log_prob(s["value"])) for s in tr.values()
-                 if s["type"] == "sample" and s["is_observed"]]
+        terms = [
+            jnp.sum(s["fn"].log_prob(s["value"]))
+            for s in tr.values()
+            if s["type"] == "sample" and s["is_observed"]
+        ]
         return sum(terms) if terms else jnp.zeros(())
 
     g = unravel(jax.grad(loglik)(z0 + 0.1))
@@ -198,7 +203,9 @@ def make_target(
     for s in sorted(latent, key=lambda s: s["name"]):  # ravel_pytree orders dict keys by name
         ushape = tuple(jnp.shape(unc[s["name"]]))
         size = int(math.prod(ushape))
-        sites.append(Site(s["name"], tuple(jnp.shape(s["value"])), ushape, s["fn"].support, offset, size))
+        sites.append(
+            Site(s["name"], tuple(jnp.shape(s["value"])), ushape, s["fn"].support, offset, size)
+        )
         offset += size
     signature = ";".join(f"{s.name}{s.shape}{s.support}" for s in sites)
     return Target(model, tuple(sites), int(z_proto.size), z0, unravel, has_subsample, signature)
@@ -213,6 +220,7 @@ def _find_init(model, args, kwargs, latent, unravel, rng_key, init_strategy, tri
         tr = trace(substitute(seed(model, key), substitute_fn=strategy)).get_trace(*args, **kwargs)
         unc = {s["name"]: biject_to(s["fn"].support).inv(tr[s["name"]]["value"]) for s in latent}
         z, _ = ravel_pytree(unc)
+
         def pot(z, key=key):
             return potential_energy(seed(model, key), args, kwargs, unravel(z))
 

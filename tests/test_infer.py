@@ -79,14 +79,21 @@ def test_run_result_api_and_no_recompile():
     assert fn._cache_size() == 1  # the second run reused the compiled chunk
     assert np.isfinite(engine.evaluate(r2.state, *args, **kwargs))
     params = engine.get_params(r2.state)
-    pred = Predictive(model, guide=guide, params=guide.numpyro_params(params), num_samples=50,
-                      return_sites=["tau", "y"])
+    pred = Predictive(
+        model,
+        guide=guide,
+        params=guide.numpyro_params(params),
+        num_samples=50,
+        return_sites=["tau", "y"],
+    )
     out = pred(jax.random.PRNGKey(2), *args, **kwargs)
     assert out["tau"].shape == (50,) and np.all(out["tau"] > 0)
     assert out["y"].shape == (50, 8)
     draws = guide.sample_posterior(jax.random.PRNGKey(3), params, sample_shape=(7,))
     assert set(draws) == {"mu", "tau", "theta_tilde"} and draws["theta_tilde"].shape == (7, 8)
-    with_det = guide.sample_posterior(jax.random.PRNGKey(3), params, *args, sample_shape=(7,), **kwargs)
+    with_det = guide.sample_posterior(
+        jax.random.PRNGKey(3), params, *args, sample_shape=(7,), **kwargs
+    )
     assert with_det["theta"].shape == (7, 8)
 
 
@@ -135,7 +142,9 @@ def test_fit_error_keeps_last_good_state():
         # finite only very near the start point: every step leaves it
         numpyro.factor("f", jnp.where(jnp.abs(z) < 1e-3, 0.0, jnp.nan))
 
-    guide = MeanFieldGaussian(model, init_scale=1.0, init_strategy=numpyro.infer.init_to_value(values={"z": 0.0}))
+    guide = MeanFieldGaussian(
+        model, init_scale=1.0, init_strategy=numpyro.infer.init_to_value(values={"z": 0.0})
+    )
     engine = NGVI(model, guide, max_rejections=5)
     with pytest.raises(ngvi.FitError, match="5 consecutive steps were rejected") as err:
         engine.run(jax.random.PRNGKey(0), 50, progress_bar=False)
@@ -145,8 +154,12 @@ def test_fit_error_keeps_last_good_state():
 
 @pytest.mark.parametrize(
     "kw,match",
-    [({"lr": 0.0}, "lr must be"), ({"lr": -1.0}, "lr must be"), ({"damping": -0.1}, "damping must"),
-     ({"num_particles": 0}, "num_particles must")],
+    [
+        ({"lr": 0.0}, "lr must be"),
+        ({"lr": -1.0}, "lr must be"),
+        ({"damping": -0.1}, "damping must"),
+        ({"num_particles": 0}, "num_particles must"),
+    ],
 )
 def test_invalid_hyperparameters_raise(kw, match):
     model, _, _ = models.load("normal_normal")

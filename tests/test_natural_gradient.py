@@ -20,8 +20,12 @@ sigmoid = jax.nn.sigmoid
 
 def bernoulli_fisher_logit(theta):
     """Exact E[s s^T] of Bernoulli(sigmoid(theta)) by summing over y in {0, 1}."""
+
     def score(y):
-        return jax.grad(lambda t: y * jax.nn.log_sigmoid(t) + (1 - y) * jax.nn.log_sigmoid(-t))(theta)
+        return jax.grad(lambda t: y * jax.nn.log_sigmoid(t) + (1 - y) * jax.nn.log_sigmoid(-t))(
+            theta
+        )
+
     p = sigmoid(theta)
     return p * score(1.0) ** 2 + (1 - p) * score(0.0) ** 2
 
