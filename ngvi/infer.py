@@ -16,6 +16,7 @@ and a run resumed from a saved state is bit-identical to one that never stopped.
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ngvi.checkpoint import load_checkpoint, save_checkpoint
 from ngvi.errors import ConfigError, FitError
 from ngvi.guides import Guide, tree_vdot
 
@@ -269,36 +271,52 @@ class NGVI:
         tol: float | None = None,
         init_state: NGVIState | None = None,
         chunk_size: int = 100,
+        checkpoint: str | None = None,
+        checkpoint_every: int | None = None,
+        callback: Callable[[NGVIState], None] | None = None,
         **kwargs,
     ) -> NGVIRunResult:
         """Run up to ``num_steps`` steps (from ``init_state`` if given), scanned in jitted chunks.
 
         With ``tol``, stop once the KL between consecutive averaged iterates stays below ``tol``
         for 10 steps. Ctrl-C returns the partial result with the last good state.
+
+        With ``checkpoint=path`` the state is written there atomically every ``checkpoint_every``
+        steps (default: every chunk) and at the end, and ``num_steps`` counts from the start of
+        the fit: if ``path`` exists the fit resumes from it, so running the same command again
+        after a crash finishes the same fit, bit for bit. ``callback(state)`` runs after each
+        chunk (logging, custom stopping by raising KeyboardInterrupt).
         """
         if not (isinstance(num_steps, (int, np.integer)) and num_steps >= 1):
             raise ConfigError(f"num_steps must be a positive integer, got {num_steps!r}.")
         if tol is not None and not tol > 0:
             raise ConfigError(f"tol must be positive (nats of KL per step), got {tol!r}.")
-        state = init_state if init_state is not None else self.init(rng_key, *args, **kwargs)
-        if init_state is not None:
-            self.guide.setup(jax.random.PRNGKey(0), args, kwargs)
+        if checkpoint_every is not None:
+            if not (isinstance(checkpoint_every, (int, np.integer)) and checkpoint_every >= 1):
+                raise ConfigError(
+                    f"checkpoint_every must be a positive integer, got {checkpoint_every!r}."
+                )
+            chunk_size = int(checkpoint_every)
+        state, stop_at = self._start(rng_key, num_steps, args, kwargs, init_state, checkpoint)
         dynamic, spec = _split_data(args, kwargs)
         fn = self._compiled("run", spec, int(chunk_size))
-        stop_at = state.step + num_steps
         tol_arr = jnp.asarray(-1.0 if tol is None else tol)
         infos, interrupted = [], False
-        bar = _progress(num_steps, progress_bar)
+        bar = _progress(max(int(stop_at) - int(state.step), 0), progress_bar)
         try:
             while int(state.step) < int(stop_at):
                 before = int(state.step)
                 state, info = fn(state, dynamic, tol_arr, stop_at)
                 infos.append(info)
+                if checkpoint is not None:
+                    save_checkpoint(checkpoint, state, self.guide)
                 if bar is not None:
                     bar.update(int(state.step) - before)
                     bar.set_postfix(
                         loss=f"{_last_finite(info.loss):.4g}", damping=f"{float(state.damping):.2g}"
                     )
+                if callback is not None:
+                    callback(state)
                 if int(state.step) == before or _should_stop(state, self):
                     break
         except KeyboardInterrupt:
@@ -308,6 +326,18 @@ class NGVI:
             if bar is not None:
                 bar.close()
         return self._result(state, infos, interrupted)
+
+    def _start(self, rng_key, num_steps, args, kwargs, init_state, checkpoint):
+        """The state to start from and the step to stop at (see ``run``)."""
+        if init_state is not None:
+            self.guide.setup(jax.random.PRNGKey(0), args, kwargs)
+            return init_state, init_state.step + num_steps
+        state = self.init(rng_key, *args, **kwargs)
+        if checkpoint is None:
+            return state, state.step + num_steps
+        if os.path.exists(checkpoint):
+            state = load_checkpoint(checkpoint, state, self.guide)
+        return state, jnp.asarray(num_steps, jnp.int32)
 
     def _result(self, state, infos, interrupted) -> NGVIRunResult:
         if infos:
