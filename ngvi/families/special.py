@@ -134,7 +134,8 @@ def dirichlet_from_mean_log(mean_log: Array) -> Array:
     ``alpha_k(s) = psi^{-1}(psi(s) + m_k)`` (his eq. 9), so the ``K``-dimensional
     problem reduces to the scalar root of
 
-        h(t) = log sum_k alpha_k(e^t) - t,  h'(t) = s psi'(s) sum_k 1/psi'(alpha_k) / sum_k alpha_k - 1
+        h(t)  = log sum_k alpha_k(e^t) - t,
+        h'(t) = s psi'(s) sum_k (1 / psi'(alpha_k)) / sum_k alpha_k - 1
 
     in ``t = log s``. ``h > 0`` for small ``s`` and ``h < 0`` for large ``s``
     (because ``sum exp(m_k) < 1``), and its root is unique (the log-likelihood is
