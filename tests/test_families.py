@@ -33,7 +33,7 @@ from ngvi.families import (  # noqa: E402
     stats_covariance,
 )
 
-N_MC = 60_000  # Monte Carlo draws shared by the Fisher, KL and log_prob checks
+N_MC = 100_000  # Monte Carlo draws shared by the Fisher, KL and log_prob checks
 N_GRAD = 4_000  # draws for the (costly) implicit-reparameterisation gradient check
 A = jnp.array
 
@@ -286,7 +286,8 @@ def test_kl_closed_form_matches_monte_carlo(name):
 
     kl, kl_pp, est, se = jax.jit(compute)(eta_p, eta_q, _draws(name))
     assert jnp.all(kl > 0)
-    assert jnp.all(jnp.abs(est - kl) < 4.0 * se + 1e-12), (kl, est, se)
+    # 5 standard errors: ~30 batched comparisons over the families share this bound
+    assert jnp.all(jnp.abs(est - kl) < 5.0 * se + 1e-12), (kl, est, se)
     np.testing.assert_allclose(kl_pp, 0.0, atol=1e-12)
 
 
