@@ -1,23 +1,45 @@
 """ngvi: natural-gradient variational inference for NumPyro models."""
 
+from ngvi import families
+from ngvi.baselines import advi, nuts
+from ngvi.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ngvi.compare import compare, compare_vi
+from ngvi.diagnostics import PSISResult, psis_diagnostic, psis_khat, to_inference_data
 from ngvi.errors import ConfigError, DataError, FitError, ModelError, NGVIError
 from ngvi.guides import Guide, MeanFieldGaussian
-from ngvi.infer import NGVI, NGVIInfo, NGVIRunResult, NGVIState
+from ngvi.infer import NGVI, NGVIInfo, NGVIRunResult, NGVIState, StepContext
+from ngvi.plots import plot_elbo, plot_marginals, plot_pair
 from ngvi.target import Site, Target, make_target
 
 __all__ = [
     "NGVI",
-    "ConfigError",
-    "DataError",
-    "FitError",
-    "Guide",
-    "MeanFieldGaussian",
-    "ModelError",
-    "NGVIError",
+    "NGVIState",
     "NGVIInfo",
     "NGVIRunResult",
-    "NGVIState",
-    "Site",
+    "StepContext",
+    "Guide",
+    "MeanFieldGaussian",
+    "families",
     "Target",
+    "Site",
     "make_target",
+    "advi",
+    "nuts",
+    "compare",
+    "compare_vi",
+    "to_inference_data",
+    "psis_khat",
+    "psis_diagnostic",
+    "PSISResult",
+    "plot_elbo",
+    "plot_marginals",
+    "plot_pair",
+    "save_checkpoint",
+    "load_checkpoint",
+    "CheckpointError",
+    "NGVIError",
+    "ModelError",
+    "DataError",
+    "ConfigError",
+    "FitError",
 ]

@@ -34,6 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--advi-steps", type=int, default=10000)
     cmp_.add_argument("--advi-lr", default="0.01,0.05", help="comma-separated learning rates")
     cmp_.add_argument("--advi-particles", default="1", help="comma-separated particle counts")
+    cmp_.add_argument("--methods", default="ngvi,advi", help="comma-separated: ngvi,advi,nuts")
+    cmp_.add_argument("--nuts-samples", type=int, default=1000, help="NUTS draws per chain")
+    cmp_.add_argument(
+        "--plot",
+        default=None,
+        help="save the ELBO traces here (PNG), marginals and a pair plot beside it",
+    )
     cmp_.add_argument("--json", default=None, help="write the table as JSON here")
     return p
 
@@ -80,24 +87,35 @@ def cmd_fit(ns) -> int:
 
 
 def cmd_compare(ns) -> int:
-    from ngvi.compare import compare_vi, format_table
+    import pandas as pd
+
+    from ngvi.compare import compare, verdicts
 
     model, args, kwargs = _load(ns.model)
     lrs = tuple(float(x) for x in ns.advi_lr.split(","))
     particles = tuple(int(x) for x in ns.advi_particles.split(","))
-    rows, extras = compare_vi(
+    methods = tuple(m.strip() for m in ns.methods.split(",") if m.strip())
+    table, extras = compare(
         model,
         *args,
+        methods=methods,
         ngvi_steps=ns.steps,
         advi_steps=ns.advi_steps,
         advi_lrs=lrs,
         advi_particles=particles,
+        nuts_samples=ns.nuts_samples,
+        nuts_warmup=ns.nuts_samples // 2,
+        plot=ns.plot,
         **kwargs,
     )
     print(f"{ns.model}: d = {extras['dim']}, mean-field optimum ELBO = {extras['best_elbo']:.4f}")
-    print(format_table(rows))
-    _verdict(rows)
+    with pd.option_context("display.width", 200, "display.max_columns", 50):
+        print(table.set_index("method").T.to_string(float_format=lambda v: f"{v:.4g}"))
+    for line in verdicts(table):
+        print("verdict", line)
+    _verdict(table.to_dict("records"))
     if ns.json:
+        rows = json.loads(table.to_json(orient="records"))
         with open(ns.json, "w") as f:
             json.dump(
                 {"model": ns.model, "best_elbo": extras["best_elbo"], "rows": rows}, f, indent=2
@@ -106,17 +124,23 @@ def cmd_compare(ns) -> int:
 
 
 def _verdict(rows) -> None:
-    ngvi_row = next(r for r in rows if r["method"] == "ngvi")
-    best = next((r for r in rows if r.get("best_advi")), None)
+    ngvi_row = next((r for r in rows if r["method"] == "ngvi"), None)
+    best = next((r for r in rows if r.get("best_advi") is True), None)
     key = "steps_to_0.1"
-    if best is None or ngvi_row[key] is None or best[key] is None:
+    if ngvi_row is None or best is None:
+        return
+    if not (_num(ngvi_row.get(key)) and _num(best.get(key))):
         print("verdict: one of the methods did not stay within 0.1 nat; run longer.")
         return
     print(
         f"verdict: NGVI needed {best[key] / ngvi_row[key]:.1f}x fewer steps and "
         f"{best['seconds_to_0.1'] / ngvi_row['seconds_to_0.1']:.1f}x less time than the best "
-        f"ADVI (lr={best['lr']}, particles={best['num_particles']})."
+        f"ADVI (lr={best['lr']}, particles={int(best['num_particles'])})."
     )
+
+
+def _num(v) -> bool:
+    return v is not None and bool(np.isfinite(v))
 
 
 def main(argv: list[str] | None = None) -> int:

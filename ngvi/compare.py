@@ -20,11 +20,12 @@ from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
 
 from ngvi.baselines import advi_flat
+from ngvi.errors import ConfigError
 from ngvi.guides import MeanFieldGaussian
 from ngvi.infer import NGVI, _join_data, _split_data
 from ngvi.scoring import first_touch, make_elbo_scorer, meanfield_optimum, steps_to_within
 
-__all__ = ["MethodTrace", "trace_ngvi", "trace_advi", "compare_vi"]
+__all__ = ["MethodTrace", "trace_ngvi", "trace_advi", "compare_vi", "compare", "verdicts"]
 
 
 class MethodTrace(NamedTuple):
@@ -39,63 +40,88 @@ class MethodTrace(NamedTuple):
     scale: Any
 
 
-def _time_chunks(run_chunk: Callable, state, num_chunks: int, read: Callable):
-    """Run ``num_chunks`` chunks, reading (loc, scale) after each; returns the per-chunk times."""
-    locs, scales, times = [], [], []
+def _checkpoints(run_chunk: Callable, state, num_chunks: int, read: Callable):
+    """Run ``num_chunks`` chunks, reading the flat (loc, scale) after each."""
+    locs, scales = [], []
     for _ in range(num_chunks):
-        t0 = time.perf_counter()
-        state = jax.block_until_ready(run_chunk(state))
-        times.append(time.perf_counter() - t0)
+        state = run_chunk(state)
         loc, scale = read(state)
         locs.append(loc)
         scales.append(scale)
-    return state, jnp.stack(locs), jnp.stack(scales), np.asarray(times)
+    return state, jnp.stack(locs), jnp.stack(scales)
 
 
-def _finish(method, settings, every, times, locs, scales, scorer, grad_evals) -> MethodTrace:
-    steady = float(np.median(times[1:])) if len(times) > 1 else float(times[0])
+def _time_steps(make_chunk: Callable, state, length: int, reps: int = 5):
+    """Seconds per step of a compiled scan of ``length`` steps (median of ``reps``) and the
+    compile time (the first call's excess over the median)."""
+    chunk = make_chunk(length)
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        jax.block_until_ready(chunk(state))
+        times.append(time.perf_counter() - t0)
+    steady = float(np.median(times[1:]))
+    return steady / length, max(times[0] - steady, 0.0)
+
+
+def _finish(method, settings, every, locs, scales, scorer, grad_evals, timing) -> MethodTrace:
     elbo = np.asarray(scorer(locs, scales))
-    steps = every * np.arange(1, len(times) + 1)
+    steps = every * np.arange(1, len(locs) + 1)
+    per_step, compile_s = timing
     return MethodTrace(
-        method,
-        settings,
-        steps,
-        elbo,
-        steady / every,
-        max(float(times[0]) - steady, 0.0),
-        grad_evals,
-        locs[-1],
-        scales[-1],
+        method, settings, steps, elbo, per_step, compile_s, grad_evals, locs[-1], scales[-1]
     )
 
 
-def trace_ngvi(model, args, kwargs, num_steps: int, every: int, scorer, rng_key=None, **engine_kw):
-    """Mean-field NGVI with its defaults (or ``engine_kw``), checkpointed every ``every`` steps."""
+def trace_ngvi(
+    model,
+    args,
+    kwargs,
+    num_steps: int,
+    every: int,
+    scorer,
+    rng_key=None,
+    time_steps=200,
+    **engine_kw,
+):
+    """Mean-field NGVI with its defaults (or ``engine_kw``), checkpointed every ``every`` steps;
+    the time per step comes from a separate compiled scan of ``time_steps`` steps."""
     guide = MeanFieldGaussian(model)
     engine = NGVI(model, guide, **engine_kw)
     state = engine.init(jax.random.PRNGKey(0) if rng_key is None else rng_key, *args, **kwargs)
     dynamic, spec = _split_data(args, kwargs)
-    fn = engine._compiled("run", spec, every)
     tol = jnp.asarray(-1.0)
 
-    def run_chunk(s):
-        return fn(s, dynamic, tol, s.step + every)[0]
+    def make_chunk(length):
+        fn = engine._compiled("run", spec, length)
+        return lambda s: fn(s, dynamic, tol, s.step + length)[0]
 
     def read(s):
         p = engine.get_params(s)
         return p["loc"], p["scale"]
 
-    state, locs, scales, times = _time_chunks(run_chunk, state, num_steps // every, read)
+    timing = _time_steps(make_chunk, state, min(time_steps, num_steps))
+    _, locs, scales = _checkpoints(make_chunk(every), state, num_steps // every, read)
     p = engine.num_particles
-    return _finish(
-        "ngvi", {"lr": engine.lr, "num_particles": p}, every, times, locs, scales, scorer, 2 * p
-    )
+    settings = {"lr": engine.lr, "num_particles": p}
+    return _finish("ngvi", settings, every, locs, scales, scorer, 2 * p, timing)
 
 
 def trace_advi(
-    model, args, kwargs, num_steps, every, scorer, target, lr=0.01, num_particles=1, rng_key=None
+    model,
+    args,
+    kwargs,
+    num_steps,
+    every,
+    scorer,
+    target,
+    lr=0.01,
+    num_particles=1,
+    rng_key=None,
+    time_steps=200,
 ):
-    """NumPyro ADVI (AutoNormal + optax Adam + Trace_ELBO), checkpointed every ``every`` steps."""
+    """NumPyro ADVI (AutoNormal + optax Adam + Trace_ELBO), checkpointed every ``every`` steps;
+    timed like ``trace_ngvi``."""
     svi = SVI(
         model,
         AutoNormal(model, init_scale=0.1),
@@ -105,27 +131,22 @@ def trace_advi(
     state = svi.init(jax.random.PRNGKey(0) if rng_key is None else rng_key, *args, **kwargs)
     dynamic, spec = _split_data(args, kwargs)
 
-    @jax.jit
-    def chunk(s, dyn):
-        a, k = _join_data(dyn, spec)
-        return jax.lax.scan(lambda st, _: (svi.update(st, *a, **k)[0], None), s, None, every)[0]
+    def make_chunk(length):
+        @jax.jit
+        def chunk(s, dyn):
+            a, k = _join_data(dyn, spec)
+            body = lambda st, _: (svi.update(st, *a, **k)[0], None)
+            return jax.lax.scan(body, s, None, length)[0]
+
+        return lambda s: chunk(s, dynamic)
 
     def read(s):
         return advi_flat(target, svi.get_params(s))
 
-    state, locs, scales, times = _time_chunks(
-        lambda s: chunk(s, dynamic), state, num_steps // every, read
-    )
-    return _finish(
-        "advi",
-        {"lr": lr, "num_particles": num_particles},
-        every,
-        times,
-        locs,
-        scales,
-        scorer,
-        num_particles,
-    )
+    timing = _time_steps(make_chunk, state, min(time_steps, num_steps))
+    _, locs, scales = _checkpoints(make_chunk(every), state, num_steps // every, read)
+    settings = {"lr": lr, "num_particles": num_particles}
+    return _finish("advi", settings, every, locs, scales, scorer, num_particles, timing)
 
 
 def summarize(trace: MethodTrace, best: float, tol: float = 0.1) -> dict:
@@ -153,7 +174,7 @@ def compare_vi(
     advi_steps: int = 10000,
     advi_lrs: tuple = (0.01,),
     advi_particles: tuple = (1,),
-    every: int = 10,
+    every: int | None = None,
     tol: float = 0.1,
     rng_key=None,
     **kwargs,
@@ -165,6 +186,7 @@ def compare_vi(
     guide = MeanFieldGaussian(model)
     target = guide.setup(jax.random.PRNGKey(0), args, kwargs)
     scorer = make_elbo_scorer(target, args, kwargs)
+    every = every or max(1, ngvi_steps // 200)
     traces = [trace_ngvi(model, args, kwargs, ngvi_steps, every, scorer, rng_key)]
     advi_every = max(every, advi_steps // 400)
     for lr in advi_lrs:
@@ -215,3 +237,172 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+# -- NGVI, ADVI and NUTS side by side (ArviZ diagnostics) -------------------------------------
+def _nuts_reference(model, args, kwargs, warmup, samples, chains, rng_key):
+    """NUTS with exact gradient counts (leapfrog steps of warmup and sampling)."""
+    import arviz as az
+    from numpyro.infer import MCMC, NUTS
+
+    mcmc = MCMC(
+        NUTS(model),
+        num_warmup=warmup,
+        num_samples=samples,
+        num_chains=chains,
+        chain_method="sequential",
+        progress_bar=False,
+    )
+    t0 = time.perf_counter()
+    mcmc.warmup(rng_key, *args, extra_fields=("num_steps",), collect_warmup=True, **kwargs)
+    grads = int(np.sum(mcmc.get_extra_fields()["num_steps"]))
+    mcmc.run(mcmc.post_warmup_state.rng_key, *args, extra_fields=("num_steps",), **kwargs)
+    seconds = time.perf_counter() - t0
+    grads += int(np.sum(mcmc.get_extra_fields()["num_steps"]))
+    summary = az.summary(az.from_numpyro(mcmc), kind="diagnostics")
+    return mcmc.get_samples(), {
+        "seconds": seconds,
+        "grad_evals": grads,
+        "r_hat_max": float(summary["r_hat"].max()),
+        "ess_bulk_min": float(summary["ess_bulk"].min()),
+    }
+
+
+def _site_errors(draws: dict, ref: dict) -> dict:
+    """Per site: max |mean - NUTS mean| / NUTS sd and the median ratio of sds."""
+    out = {}
+    for site, r in ref.items():
+        if site not in draws:
+            continue
+        n = r.shape[0]
+        a, b = np.asarray(draws[site]).reshape(-1, r[0].size), np.asarray(r).reshape(n, -1)
+        sd = b.std(0)
+        out[f"err:{site}"] = float(np.max(np.abs(a.mean(0) - b.mean(0)) / sd))
+        out[f"sd_ratio:{site}"] = float(np.median(a.std(0) / sd))
+    return out
+
+
+def compare(
+    model: Callable,
+    *args,
+    methods: tuple = ("ngvi", "advi", "nuts"),
+    ngvi_steps: int = 1000,
+    advi_steps: int = 10000,
+    advi_lrs: tuple = (0.01,),
+    advi_particles: tuple = (1,),
+    nuts_warmup: int = 500,
+    nuts_samples: int = 1000,
+    num_chains: int = 4,
+    num_draws: int = 4000,
+    plot: str | None = None,
+    rng_key=None,
+    **kwargs,
+):
+    """NGVI, ADVI (best of ``advi_lrs`` x ``advi_particles``) and NUTS on one model.
+
+    Returns ``(table, extras)``: a pandas DataFrame with one row per method (final ELBO on
+    common random numbers, steps / seconds / gradient evaluations to stay within 0.1 nat of the
+    mean-field optimum, compile time, PSIS k-hat, and per site ``err:<site>`` = mean error in
+    NUTS-sd units and ``sd_ratio:<site>``; NUTS reports R-hat and ESS), and extras with the
+    draws and traces. ``plot="out.png"`` saves the ELBO traces there, and the marginals and a
+    pair plot beside it (``out_marginals.png``, ``out_pair.png``)."""
+    import pandas as pd
+
+    from ngvi.diagnostics import psis_diagnostic
+
+    unknown = set(methods) - {"ngvi", "advi", "nuts"}
+    if unknown:
+        raise ConfigError(f"unknown method(s) {sorted(unknown)}: choose from ngvi, advi, nuts.")
+    key = jax.random.PRNGKey(0) if rng_key is None else rng_key
+    guide = MeanFieldGaussian(model)
+    guide.setup(jax.random.PRNGKey(0), args, kwargs)
+    lrs = advi_lrs if "advi" in methods else ()
+    rows, extras = compare_vi(
+        model,
+        *args,
+        ngvi_steps=ngvi_steps,
+        advi_steps=advi_steps,
+        advi_lrs=lrs,
+        advi_particles=advi_particles,
+        rng_key=key,
+        **kwargs,
+    )
+    picked = [
+        (r, t)
+        for r, t in zip(rows, extras["traces"])
+        if (r["method"] == "ngvi" and "ngvi" in methods) or r.get("best_advi")
+    ]
+    draws, table = {}, []
+    for row, tr in picked:
+        params = {"loc": tr.loc, "scale": tr.scale}
+        draws[row["method"]] = guide.sample_posterior(key, params, sample_shape=(num_draws,))
+        psis = psis_diagnostic(guide, params, *args, num_samples=num_draws, rng_key=key, **kwargs)
+        table.append({**row, "khat": psis.khat})
+    if "nuts" in methods:
+        samples, info = _nuts_reference(
+            model, args, kwargs, nuts_warmup, nuts_samples, num_chains, key
+        )
+        draws["nuts"] = samples
+        for row in table:
+            row.update(_site_errors(draws[row["method"]], samples))
+        table.append(
+            {
+                "method": "nuts",
+                "seconds": info["seconds"],
+                "grad_evals": info["grad_evals"],
+                "r_hat_max": info["r_hat_max"],
+                "ess_bulk_min": info["ess_bulk_min"],
+            }
+        )
+    extras = {**extras, "draws": draws, "picked": [t for _, t in picked]}
+    if plot:
+        _plots(plot, extras, draws)
+    return pd.DataFrame(table), extras
+
+
+def _plots(path: str, extras: dict, draws: dict) -> None:
+    from pathlib import Path
+
+    from ngvi.plots import plot_elbo, plot_marginals, plot_pair
+
+    traces = {
+        t.method: {"steps": t.steps, "seconds": t.steps * t.step_seconds, "elbo": t.elbo}
+        for t in extras["picked"]
+    }
+    plot_elbo(traces, path)
+    stem = Path(path)
+    plot_marginals(draws, path=stem.with_name(stem.stem + "_marginals.png"))
+    coords = [
+        f"{s}[{i}]" if np.ndim(v[0]) else s
+        for s, v in next(iter(draws.values())).items()
+        for i in range(max(1, int(np.size(v[0]))))
+    ][:2]
+    if len(coords) == 2:
+        plot_pair(draws, coords[0], coords[1], path=stem.with_name(stem.stem + "_pair.png"))
+
+
+def verdicts(table) -> list[str]:
+    """One line per method: did it reach the optimum, can its draws be trusted (k-hat)."""
+    lines = []
+    for row in table.to_dict("records"):
+        m = row["method"]
+        if m == "nuts":
+            ok = row["r_hat_max"] < 1.01
+            note = "reference is reliable" if ok else "chains disagree: run longer"
+            lines.append(
+                f"nuts: R-hat max {row['r_hat_max']:.3f}, "
+                f"min bulk ESS {row['ess_bulk_min']:.0f}: {note}."
+            )
+            continue
+        steps = row.get("steps_to_0.1")
+        reach = (
+            f"stayed within 0.1 nat of the mean-field optimum after {int(steps)} steps"
+            if steps is not None and np.isfinite(steps)
+            else "did not settle within 0.1 nat"
+        )
+        k = row["khat"]
+        trust = "good" if k < 0.5 else ("usable with PSIS" if k < 0.7 else "unreliable")
+        errs = [v for c, v in row.items() if c.startswith("err:") and np.isfinite(v)]
+        err = f"; means within {max(errs):.2f} NUTS sd" if errs else ""
+        lines.append(f"{m}: {reach}; k-hat {k:.2f} ({trust}){err}.")
+    return lines

@@ -3,6 +3,9 @@
 import json
 
 import jax
+import matplotlib
+
+matplotlib.use("Agg")
 import numpy as np
 import pytest
 
@@ -10,7 +13,7 @@ import models
 from ngvi import MeanFieldGaussian
 from ngvi.baselines import advi, advi_flat
 from ngvi.cli import main
-from ngvi.compare import compare_vi, format_table
+from ngvi.compare import compare, compare_vi, format_table, verdicts
 from ngvi.scoring import first_touch, steps_to_within
 
 
@@ -40,6 +43,27 @@ def test_compare_on_a_conjugate_model_ngvi_reaches_the_optimum_first():
     assert ngvi_row["steps_to_0.1"] is not None
     assert advi_row["steps_to_0.1"] is None or advi_row["steps_to_0.1"] > ngvi_row["steps_to_0.1"]
     assert "ngvi" in format_table(rows)
+
+
+def test_compare_with_nuts_on_a_conjugate_model_reports_small_errors():
+    model, args, kwargs = models.load("normal_normal")
+    table, extras = compare(
+        model,
+        *args,
+        methods=("ngvi", "nuts"),
+        ngvi_steps=60,
+        nuts_warmup=300,
+        nuts_samples=1000,
+        num_chains=2,
+        **kwargs,
+    )
+    rows = table.set_index("method")
+    assert list(rows.index) == ["ngvi", "nuts"]
+    assert rows.loc["ngvi", "err:mu"] < 0.1  # NUTS' own Monte Carlo error is ~0.03 sd here
+    assert abs(rows.loc["ngvi", "sd_ratio:mu"] - 1) < 0.1
+    assert rows.loc["ngvi", "khat"] < 0.5 and rows.loc["nuts", "r_hat_max"] < 1.02
+    assert rows.loc["nuts", "grad_evals"] > 0
+    assert any("ngvi: stayed within 0.1 nat" in line for line in verdicts(table))
 
 
 def test_cli_fit_and_compare(tmp_path, capsys):
