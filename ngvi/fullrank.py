@@ -74,7 +74,8 @@ def whitened_antithetic_noise(rng_key: jax.Array, num_particles: int, dim: int) 
 def gaussian_kl_prec(mu_p, tril_p, mu_q, tril_q) -> jax.Array:
     """KL(N(mu_p, S_p^-1) || N(mu_q, S_q^-1)) from precision Cholesky factors ``S = L L^T``::
 
-    KL = 1/2 [ |L_p^-1 L_q|_F^2 + |L_q^T (mu_q - mu_p)|^2 - d ] + sum log diag L_p - sum log diag L_q
+    KL = 1/2 [ |L_p^-1 L_q|_F^2 + |L_q^T (mu_q - mu_p)|^2 - d ]
+         + sum log diag L_p - sum log diag L_q
 
     (``tr(S_q S_p^-1) = |L_p^-1 L_q|_F^2``): one triangular solve, no inverse."""
     d = mu_p.shape[-1]

@@ -50,6 +50,7 @@ class NGVIInfo(NamedTuple):
     accepted: jax.Array
     damping: jax.Array
     kl: jax.Array  # KL between consecutive averaged iterates
+    step_kl: jax.Array = float("nan")  # KL(q_old || q_new) of the step (0 when rejected)
 
 
 class StepContext(NamedTuple):
@@ -105,6 +106,11 @@ class NGVI:
     :param adapt_damping: Levenberg-Marquardt adaptation of the damping.
     :param average: decay of the moving average of iterates reported as the fit (0 = last iterate).
     :param max_rejections: consecutive rejected steps after which ``run`` stops with ``FitError``.
+    :param max_kl: KL trust region: each proposal is scaled back along the straight line from the
+        current parameters (in the guide's parameter coordinates: natural parameters for
+        ``ExpFamilyGuide``) to the largest fraction ``t`` in [0, 1] with
+        ``guide.kl(q_old, q_new) <= max_kl`` (bisection on the closed-form KL). A natural step is
+        the steepest descent per unit of KL, so this is the TRPO step (Schulman et al. 2015).
     """
 
     def __init__(
@@ -118,8 +124,15 @@ class NGVI:
         adapt_damping: bool = True,
         average: float = 0.99,
         max_rejections: int = 50,
+        max_kl: float | None = None,
     ):
         _check_hyper(lr, damping, num_particles, average, max_rejections)
+        if max_kl is not None and not (
+            isinstance(max_kl, (int, float)) and math.isfinite(max_kl) and max_kl > 0
+        ):
+            raise ConfigError(
+                f"max_kl must be None or a positive finite number (nats per step), got {max_kl!r}."
+            )
         if not isinstance(guide, Guide):
             raise ConfigError(
                 f"guide must be an ngvi guide (e.g. ngvi.MeanFieldGaussian(model)), got "
@@ -134,6 +147,7 @@ class NGVI:
         self.lr, self.damping, self.num_particles = float(lr), float(damping), int(num_particles)
         self.adapt_damping, self.average = bool(adapt_damping), float(average)
         self.max_rejections = int(max_rejections)
+        self.max_kl = None if max_kl is None else float(max_kl)
         self._jitted: dict = {}
 
     # -- pure pieces --------------------------------------------------------------------------
@@ -166,9 +180,12 @@ class NGVI:
         proposal = self.guide.natural_step(
             state.params, grad, self.lr, state.damping, state.step, ctx
         )
+        full_step = jax.tree.map(jnp.subtract, proposal, state.params)
+        proposal, frac = self._trust_region(state.params, proposal, full_step)
         new_loss = loss_fn(proposal)
         actual = loss - new_loss
-        predicted = -0.5 * tree_vdot(grad, jax.tree.map(jnp.subtract, proposal, state.params))
+        # quadratic-model decrease of the step cut to a fraction t of a Newton step: (t - t^2/2)
+        predicted = -(frac - 0.5 * frac**2) * tree_vdot(grad, full_step)
         finite = (
             jnp.isfinite(loss) & jnp.isfinite(new_loss) & _all_finite(proposal) & _all_finite(grad)
         )
@@ -196,7 +213,32 @@ class NGVI:
             jnp.where(accept, 0, state.consecutive_rejected + 1),
             calm,
         )
-        return new_state, NGVIInfo(loss, accept, state.damping, kl)
+        step_kl = jnp.where(accept, self.guide.kl(state.params, params), 0.0)
+        return new_state, NGVIInfo(loss, accept, state.damping, kl, step_kl)
+
+    def _trust_region(self, params, proposal, full_step):
+        """(params + t * full_step, t) with the largest t in [0, 1] (1, else 30 bisection
+        halvings) such that KL(q(params) || q(params + t full_step)) <= max_kl."""
+        one = jnp.ones((), params_dtype(params))
+        if self.max_kl is None:
+            return proposal, one
+
+        def at(t):
+            return jax.tree.map(lambda p, d: p + t * d, params, full_step)
+
+        def fits(t):
+            return self.guide.kl(params, at(t)) <= self.max_kl  # NaN -> False
+
+        def halve(_, lo_hi):
+            lo, hi = lo_hi
+            mid = 0.5 * (lo + hi)
+            ok = fits(mid)
+            return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+        lo, _ = lax.fori_loop(0, 30, halve, (0.0 * one, one))
+        full = fits(one)
+        t = jnp.where(full, one, lo)
+        return jax.tree.map(lambda a, b: jnp.where(full, a, b), proposal, at(t)), t
 
     def _adapt(self, damping, accept, actual, predicted):
         """Levenberg-Marquardt rule (Martens & Grosse 2015, sec. 6.5), NaN counts as failure."""
@@ -239,7 +281,7 @@ class NGVI:
                 | (s.calm_steps >= self._patience)
                 | (s.consecutive_rejected >= self.max_rejections)
             )
-            nan_info = NGVIInfo(jnp.nan, jnp.array(False), s.damping, jnp.nan)
+            nan_info = NGVIInfo(jnp.nan, jnp.array(False), s.damping, jnp.nan, jnp.nan)
             return lax.cond(done, lambda s: (s, nan_info), lambda s: self._step(s, data, tol), s)
 
         return lax.scan(body, state, None, length=chunk)
@@ -346,7 +388,7 @@ class NGVI:
             info = jax.tree.map(lambda x: x[keep], info)
             n_run = len(keep)
         else:
-            info, n_run = NGVIInfo(*(jnp.zeros((0,)),) * 4), 0
+            info, n_run = NGVIInfo(*(jnp.zeros((0,)),) * 5), 0
         result = NGVIRunResult(
             self.get_params(state),
             state,

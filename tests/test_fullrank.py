@@ -1,0 +1,125 @@
+"""FullRankGaussian: the VON step is exact in one unit step on a Gaussian target, matches the NUTS
+posterior of logistic regression, keeps the precision positive definite, honours max_kl, and
+works as a NumPyro guide (sample_posterior, Predictive)."""
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from numpyro.infer import Predictive  # noqa: E402
+
+import models  # noqa: E402
+from ngvi import NGVI, ConfigError  # noqa: E402
+from ngvi.families import FullRankGaussian as FullRankFamily  # noqa: E402
+from ngvi.fullrank import (  # noqa: E402
+    FullRankGaussian,
+    gaussian_kl_prec,
+    ibr_precision,
+    whitened_antithetic_noise,
+)
+
+KEY = jax.random.PRNGKey(0)
+
+
+@pytest.mark.parametrize("hessian", ["stein", "exact"])
+def test_one_unit_step_is_exact_on_correlated_gaussian(hessian):
+    """Sigma = [[2, 1], [1, 2]]. With 8 particles >= 2d the noise is antithetic and whitened
+    (sample mean 0, sample second moment I), so the mean gradient and the Stein Hessian are exact
+    for the quadratic log density; 'exact' uses jax.hessian. One unit step lands on the target
+    (to the float32 precision of the model's covariance)."""
+    model, args, kwargs = models.load("correlated_gaussian")
+    guide = FullRankGaussian(model, hessian=hessian)
+    engine = NGVI(model, guide, lr=1.0, num_particles=8)
+    state = engine.init(KEY, *args, **kwargs)
+    state, _ = engine.update(state, *args, **kwargs)
+    assert int(state.num_rejected) == 0
+    sigma = models.load_module("correlated_gaussian").covariance()
+    np.testing.assert_allclose(state.params["loc"], 0.0, atol=1e-6)
+    np.testing.assert_allclose(guide.covariance(state.params), sigma, atol=1e-6)
+
+
+def test_whitened_noise_has_exact_moments():
+    eps = whitened_antithetic_noise(KEY, 12, 5)
+    np.testing.assert_allclose(eps.mean(0), 0.0, atol=1e-12)
+    np.testing.assert_allclose(eps.T @ eps / 12, np.eye(5), atol=1e-12)
+
+
+def test_kl_matches_the_family_bregman_kl():
+    d = 4
+    a = jax.random.normal(jax.random.PRNGKey(1), (2, d, d))
+    trils = [jnp.tril(x, -1) + jnp.diag(jnp.exp(0.3 * jnp.diagonal(x))) for x in a]
+    mus = jax.random.normal(jax.random.PRNGKey(2), (2, d))
+    fam = FullRankFamily(d)
+    ours = jax.jit(gaussian_kl_prec)(mus[0], trils[0], mus[1], trils[1])
+    ref = jax.jit(lambda m, t: fam.kl(*(fam.from_precision_tril(*a) for a in zip(m, t))))(
+        mus, jnp.stack(trils)
+    )
+    np.testing.assert_allclose(ours, ref, rtol=1e-10)
+
+
+def test_precision_stays_positive_definite_for_an_indefinite_hessian():
+    """The plain update S + b (H - S) fails for an indefinite H at b = 1; the improved rule
+    (Lin et al. 2020) keeps S' positive definite. For a PD H the plain update is used."""
+    s = jnp.array([[2.0, 0.5], [0.5, 1.0]])
+    tril = jnp.linalg.cholesky(s)
+    h_bad = jnp.array([[1.0, 0.0], [0.0, -3.0]])
+    new = ibr_precision(s, tril, h_bad, 1.0)
+    assert np.all(np.isfinite(new)) and np.all(np.diagonal(new) > 0)
+    h_ok = jnp.array([[3.0, 1.0], [1.0, 2.0]])
+    np.testing.assert_allclose(ibr_precision(s, tril, h_ok, 1.0), jnp.linalg.cholesky(h_ok))
+
+
+@pytest.fixture(scope="module")
+def logistic_fit():
+    model, args, kwargs = models.load("logistic_regression")
+    guide = FullRankGaussian(model)
+    result = NGVI(model, guide).run(KEY, 600, *args, progress_bar=False, **kwargs)
+    return model, guide, result, args, kwargs
+
+
+def test_logistic_regression_matches_nuts(logistic_fit):
+    """Means within 0.1 NUTS sd and marginal sds within 10% of NUTS (4 x 2000 draws): the
+    full-rank family captures the correlated weights that mean-field cannot (measured: 0.04 sd
+    and 5%)."""
+    _, guide, result, _, _ = logistic_fit
+    ref = models.load_references()["models"]["logistic_regression"]["sites"]
+    layout = guide.target.site_slices()
+    loc, sd = np.asarray(result.params["loc"]), np.asarray(guide.marginal_sd(result.params))
+    for site, r in ref.items():
+        nuts_mean, nuts_sd = np.asarray(r["mean"]), np.asarray(r["sd"])
+        assert np.max(np.abs(loc[layout[site]] - nuts_mean) / nuts_sd) < 0.1, site
+        assert np.max(np.abs(sd[layout[site]] / nuts_sd - 1.0)) < 0.10, site
+
+
+def test_sample_posterior_and_predictive(logistic_fit):
+    model, guide, result, args, kwargs = logistic_fit
+    draws = guide.sample_posterior(jax.random.PRNGKey(1), result.params, sample_shape=(2000,))
+    assert draws["w"].shape == (2000, 30) and draws["b"].shape == (2000,)
+    layout = guide.target.site_slices()
+    sd = np.asarray(guide.marginal_sd(result.params))
+    err = np.abs(draws["w"].mean(0) - result.params["loc"][layout["w"]]) / sd[layout["w"]]
+    assert np.max(err) < 0.15  # 2000 draws: 4.5 standard errors
+    params = guide.numpyro_params(result.params)
+    pred = Predictive(model, guide=guide, params=params, num_samples=20)(KEY, *args)
+    assert pred["y"].shape == (20, 569) and set(np.unique(pred["y"])) <= {0.0, 1.0}
+
+
+def test_max_kl_is_honoured_on_every_step():
+    model, args, kwargs = models.load("correlated_gaussian")
+    guide = FullRankGaussian(model)
+    result = NGVI(model, guide, max_kl=0.05).run(KEY, 40, *args, progress_bar=False, **kwargs)
+    step_kl = np.asarray(result.info.step_kl)[np.asarray(result.info.accepted)]
+    assert step_kl.size > 0 and np.all(step_kl <= 0.05 + 1e-6)
+    assert step_kl[0] > 0.9 * 0.05  # the unit step (KL ~ 5 nats) was cut back to the region
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), "big"])
+def test_bad_options_raise(bad):
+    model, _, _ = models.load("correlated_gaussian")
+    with pytest.raises(ConfigError, match="max_kl"):
+        NGVI(model, FullRankGaussian(model), max_kl=bad)
+    with pytest.raises(ConfigError, match="hessian"):
+        FullRankGaussian(model, hessian="bfgs")
