@@ -321,14 +321,19 @@ def _cavi_jit(X, state: VBState, prior: BayesGMMPrior, num_iters: int) -> CAVIRe
 
 @jax.jit(static_argnums=(2, 3, 4))
 def _numpyro_minibatch(key, X, K: int, batch_size: int, prior: BayesGMMPrior):
-    """Indices and likelihood scale drawn by ``models.bayes_gmm.model``'s subsampled plate."""
-    from numpyro.handlers import seed, trace
+    """Indices and likelihood scale drawn by ``models.bayes_gmm.model``'s subsampled plate.
+
+    The latent sites are substituted by placeholders (only the plate is random here), so no
+    Gamma / Dirichlet sampler is traced.
+    """
+    from numpyro.handlers import seed, substitute, trace
 
     from models import bayes_gmm
 
-    tr = trace(seed(bayes_gmm.model, key)).get_trace(
-        X=X, K=K, subsample_size=batch_size, prior=prior
-    )
+    ones = jnp.ones((K, X.shape[1]), X.dtype)
+    values = {"weights": jnp.full((K,), 1.0 / K, X.dtype), "tau": ones, "mu": 0.0 * ones}
+    model = substitute(seed(bayes_gmm.model, key), values)
+    tr = trace(model).get_trace(X=X, K=K, subsample_size=batch_size, prior=prior)
     return tr["data"]["value"], tr["X"]["scale"]
 
 
@@ -365,35 +370,33 @@ def fit_svi_gmm(
     plate_scale = float(_numpyro_minibatch(k_sub, X, K, batch_size, prior)[1])
     if not np.isclose(plate_scale, n / batch_size, rtol=1e-6):
         raise AssertionError(f"NumPyro plate scale {plate_scale} != N/B = {n / batch_size}")
-    if subsample == "numpyro":
-        draw = lambda k, X: _numpyro_minibatch(k, X, K, batch_size, prior)[0]
-    elif subsample == "uniform":
-        draw = lambda k, X: jax.random.randint(k, (batch_size,), 0, n)
-    else:
+    if subsample not in ("numpyro", "uniform"):
         raise ValueError(f"subsample must be 'numpyro' or 'uniform', got {subsample!r}")
-    hyper = (n / batch_size, tau, kappa, num_iters)
-    params, rhos = _svi_loop(X, VBState(*init), prior, k_run, draw, *hyper)
+    static = (prior, subsample, batch_size, num_iters)
+    params, rhos = _svi_loop(X, VBState(*init), k_run, n / batch_size, tau, kappa, *static)
     return SVIResult(params, rhos, plate_scale)
 
 
-def _svi_loop(X, state, prior, key, draw, scale, tau, kappa, num_iters):
-    """The jitted SVI scan; returns ``(VBParams per iteration, rho_t per iteration)``."""
+@jax.jit(static_argnums=(6, 7, 8, 9))
+def _svi_loop(X, state, key, scale, tau, kappa, prior, subsample, batch_size, num_iters):
+    """The SVI scan; returns ``(VBParams per iteration, rho_t per iteration)``."""
+    k = state.eta_pi[0].shape[-1]
+    prior_nat = prior.natural(k, X.shape[1])
 
-    @jax.jit
-    def run(X, state, key):
-        prior_nat = prior.natural(state.eta_pi[0].shape[-1], X.shape[1])
+    def draw(key):
+        if subsample == "numpyro":
+            return _numpyro_minibatch(key, X, k, batch_size, prior)[0]
+        return jax.random.randint(key, (batch_size,), 0, X.shape[0])
 
-        def body(state, t):
-            xb = X[draw(jax.random.fold_in(key, t), X)]
-            r, _ = mixture_e_step(bayes_gmm_log_joint(xb, state.eta_pi, state.eta_ng))
-            hat = VBState(*bayes_gmm_global_update(xb, r, *prior_nat, scale=scale))
-            rho = robbins_monro(t, tau, kappa)
-            return VBState(*reverse_natural_step(state, hat, rho)), (state, rho)
+    def body(state, t):
+        xb = X[draw(jax.random.fold_in(key, t))]
+        r, _ = mixture_e_step(bayes_gmm_log_joint(xb, state.eta_pi, state.eta_ng))
+        hat = VBState(*bayes_gmm_global_update(xb, r, *prior_nat, scale=scale))
+        rho = robbins_monro(t, tau, kappa)
+        return VBState(*reverse_natural_step(state, hat, rho)), (state, rho)
 
-        last, (states, rhos) = jax.lax.scan(body, state, jnp.arange(num_iters))
-        return vb_params(_stack_last(states, last)), rhos
-
-    return run(X, state, key)
+    last, (states, rhos) = jax.lax.scan(body, state, jnp.arange(num_iters))
+    return vb_params(_stack_last(states, last)), rhos
 
 
 def vb_distance(p: VBParams, q: VBParams) -> float:
