@@ -1,0 +1,139 @@
+"""Neural-network layers for NumPyro models that curvature-aware guides can see.
+
+``dense(name, x, features)`` samples an ordinary weight site ``f"{name}_w"`` of shape
+``(in, out)`` (and a bias site ``f"{name}_b"`` of shape ``(out,)``) from a Normal prior and returns
+the pre-activation ``s = x @ W + b``. Before returning, it sends one extra NumPyro message of type
+``"ngvi_layer"`` carrying the layer's input ``x`` and pre-activation ``s`` (a *marker* message,
+not a ``deterministic`` site, so it costs nothing, never appears in ``Predictive`` output and is
+ignored by every NumPyro handler). Outside the handlers below the marker returns ``s`` unchanged.
+
+``LayerTap`` is the handler a K-FAC guide (``ngvi.kfac``) wraps the model in: it records each
+layer's input ``a`` and adds a zero perturbation ``delta[name]`` to ``s``, so that
+
+    d log p(y | x, W) / d delta[name]  =  d log p / d s   (per example: row n of the result)
+
+gives the pre-activation gradients ``g`` of the whole minibatch in one backward pass (the
+standard K-FAC trick, Martens & Grosse 2015, sec. 3). Layers are therefore *declared* by the
+model, not detected by pattern matching: a weight used outside ``dense`` is an ordinary latent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpyro
+import numpyro.distributions as dist
+from numpyro.primitives import Messenger, apply_stack
+
+__all__ = ["LAYER", "LayerTap", "ObservationResampler", "dense", "layer_markers", "mlp"]
+
+LAYER = "ngvi_layer"
+
+
+def _marker(name: str, x: jax.Array, s: jax.Array, bias: bool) -> jax.Array:
+    """Send the layer's (input, pre-activation) through the effect stack; returns ``s``."""
+    msg = {
+        "type": LAYER,
+        "name": f"{name}__layer",
+        "fn": lambda x, s: s,
+        "args": (x, s),
+        "kwargs": {},
+        "value": None,
+        "layer": name,
+        "bias": bias,
+        "infer": {},
+        "cond_indep_stack": [],
+    }
+    return apply_stack(msg)["value"]
+
+
+def dense(
+    name: str,
+    x: jax.Array,
+    features: int,
+    prior_scale: float = 1.0,
+    bias: bool = True,
+) -> jax.Array:
+    """A fully connected layer: ``W ~ N(0, prior_scale^2)`` elementwise, ``s = x @ W + b``.
+
+    :param name: layer name; the sites are ``f"{name}_w"`` (in, out) and ``f"{name}_b"`` (out,).
+    :param x: inputs (..., in); the leading axes are examples (minibatch, plate).
+    :param features: number of outputs ``out``.
+    :param prior_scale: standard deviation of the Normal prior on every weight and bias.
+    :param bias: whether to add a bias ``b ~ N(0, prior_scale^2)``.
+    :returns: the pre-activation ``s`` (..., out); apply the nonlinearity yourself.
+    """
+    n_in = x.shape[-1]
+    w = numpyro.sample(
+        f"{name}_w", dist.Normal(jnp.zeros((n_in, features)), prior_scale).to_event(2)
+    )
+    s = x @ w
+    if bias:
+        b = numpyro.sample(f"{name}_b", dist.Normal(jnp.zeros(features), prior_scale).to_event(1))
+        s = s + b
+    return _marker(name, x, s, bias)
+
+
+def mlp(
+    x: jax.Array,
+    sizes: Sequence[int],
+    activation: Callable = jax.nn.relu,
+    prior_scale: float = 1.0,
+    prefix: str = "layer",
+) -> jax.Array:
+    """Stack of ``dense`` layers ``f"{prefix}{i}"`` with ``activation`` between them (none after
+    the last); returns the last pre-activation (logits / regression mean)."""
+    h = x
+    for i, features in enumerate(sizes):
+        h = dense(f"{prefix}{i}", h, features, prior_scale=prior_scale)
+        if i < len(sizes) - 1:
+            h = activation(h)
+    return h
+
+
+class LayerTap(Messenger):
+    """Record every ``dense`` layer's input in ``self.inputs[name]`` and add ``delta[name]``
+    (zeros of the pre-activation's shape) to its output, so gradients with respect to ``delta``
+    are the gradients with respect to the pre-activations."""
+
+    def __init__(self, fn: Callable | None = None, delta: dict | None = None):
+        self.delta = delta or {}
+        self.inputs: dict = {}
+        self.shapes: dict = {}
+        self.bias: dict = {}
+        super().__init__(fn)
+
+    def process_message(self, msg) -> None:
+        if msg["type"] != LAYER:
+            return
+        name = msg["layer"]
+        x, s = msg["args"]
+        self.inputs[name] = x
+        self.shapes[name] = jnp.shape(s)
+        self.bias[name] = msg["bias"]
+        if name in self.delta:
+            msg["value"] = s + self.delta[name]
+
+
+class ObservationResampler(Messenger):
+    """Replace every observed value by a draw from its own likelihood, ``y~ ~ p(y | x, w)``
+    (held constant under differentiation): the targets of the *true* Fisher."""
+
+    def __init__(self, fn: Callable | None = None, rng_key: jax.Array | None = None):
+        self.rng_key = rng_key
+        self._count = 0
+        super().__init__(fn)
+
+    def process_message(self, msg) -> None:
+        if msg["type"] != "sample" or not msg.get("is_observed", False):
+            return
+        key = jax.random.fold_in(self.rng_key, self._count)
+        self._count += 1
+        msg["value"] = jax.lax.stop_gradient(msg["fn"].sample(key))
+
+
+def layer_markers(trace: dict) -> dict:
+    """``{layer name: marker site}`` of a NumPyro trace, in the order the model calls them."""
+    return {s["layer"]: s for s in trace.values() if s["type"] == LAYER}
