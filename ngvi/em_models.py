@@ -270,7 +270,9 @@ def vb_state(p: VBParams) -> VBState:
 
 
 def init_bayes_gmm(X, K: int, prior: BayesGMMPrior = _PRIOR, key=None, scale=1.0):
-    """``q(theta)`` after hard-assigning ``X`` to its nearest of ``K`` random data points.
+    """``q(theta)`` after hard-assigning ``X`` to ``K`` k-means++ seeds (Arthur & Vassilvitskii
+    2007: each next seed is drawn with probability proportional to its squared distance to the
+    nearest seed so far), i.e. ``eta_0 + scale * sum_n onehot_nk t(x_n)``.
 
     ``scale`` multiplies the statistics (pass ``N / len(X)`` to initialise from a subset).
     """
@@ -278,9 +280,19 @@ def init_bayes_gmm(X, K: int, prior: BayesGMMPrior = _PRIOR, key=None, scale=1.0
     return _init_bayes_gmm_jit(_as_f(X), K, prior, key, scale)
 
 
+def _kmeans_pp(X, K: int, key) -> Array:
+    keys = jax.random.split(key, K)
+    centers = X[jax.random.randint(keys[0], (1,), 0, X.shape[0])]
+    for k in range(1, K):
+        d2 = jnp.min(jnp.sum((X[:, None, :] - centers[None]) ** 2, -1), -1)
+        nxt = jax.random.categorical(keys[k], jnp.log(d2 / jnp.sum(d2)))
+        centers = jnp.concatenate([centers, X[nxt][None]])
+    return centers
+
+
 @jax.jit(static_argnums=(1,))
 def _init_bayes_gmm_jit(X, K: int, prior: BayesGMMPrior, key, scale) -> VBState:
-    centers = X[jax.random.choice(key, X.shape[0], (K,), replace=False)]
+    centers = _kmeans_pp(X, K, key)
     dist2 = jnp.sum((X[:, None, :] - centers[None]) ** 2, -1)
     r = jax.nn.one_hot(jnp.argmin(dist2, -1), K, dtype=X.dtype)
     prior_pi, prior_ng = prior.natural(K, X.shape[1])
@@ -288,7 +300,13 @@ def _init_bayes_gmm_jit(X, K: int, prior: BayesGMMPrior, key, scale) -> VBState:
 
 
 def fit_cavi_gmm(
-    X, K: int, num_iters: int, init: VBState | None = None, prior: BayesGMMPrior = _PRIOR, key=None
+    X,
+    K: int,
+    num_iters: int,
+    init: VBState | None = None,
+    prior: BayesGMMPrior = _PRIOR,
+    key=None,
+    keep_responsibilities: bool = True,
 ) -> CAVIResult:
     """CAVI / VB-EM for the diagonal Bayesian GMM as unit natural steps on the reverse KL.
 
@@ -298,21 +316,25 @@ def fit_cavi_gmm(
     """
     X = _as_f(X)
     init = init_bayes_gmm(X, K, prior, key) if init is None else init
-    return _cavi_jit(X, VBState(*init), prior, num_iters)
+    return _cavi_jit(X, VBState(*init), prior, num_iters, keep_responsibilities)
 
 
-@jax.jit(static_argnums=(3,))
-def _cavi_jit(X, state: VBState, prior: BayesGMMPrior, num_iters: int) -> CAVIResult:
-    prior_nat = prior.natural(state.eta_pi[0].shape[-1], X.shape[1])
+@jax.jit(static_argnums=(3, 4))
+def _cavi_jit(X, state: VBState, prior: BayesGMMPrior, num_iters: int, keep: bool) -> CAVIResult:
+    k = state.eta_pi[0].shape[-1]
+    prior_nat = prior.natural(k, X.shape[1])
 
-    def body(state, _):
+    def body(carry, _):
+        state = carry[0]
         r, _ = mixture_e_step(bayes_gmm_log_joint(X, state.eta_pi, state.eta_ng))
         hat = VBState(*bayes_gmm_global_update(X, r, *prior_nat))
         new = VBState(*reverse_natural_step(state, hat, 1.0))
         elbo = bayes_gmm_elbo(X, r, new.eta_pi, new.eta_ng, *prior_nat)
-        return new, (state, r, elbo)
+        return (new, r), (state, r if keep else None, elbo)
 
-    last, (states, rs, elbos) = jax.lax.scan(body, state, None, length=num_iters)
+    r0 = jnp.zeros((X.shape[0], k), X.dtype)
+    (last, r_last), (states, rs, elbos) = jax.lax.scan(body, (state, r0), None, length=num_iters)
+    rs = rs if keep else r_last[None]
     return CAVIResult(vb_params(_stack_last(states, last)), rs, elbos)
 
 
