@@ -54,21 +54,22 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 from jax import lax
+from jax.flatten_util import ravel_pytree
+from numpyro.distributions.transforms import biject_to
 from numpyro.handlers import seed, substitute, trace
+from numpyro.infer.initialization import init_to_median
 
 from ngvi.errors import ConfigError, ModelError
 from ngvi.guides import Guide, MeanFieldGaussian
-from ngvi.nn import LayerTap, ObservationResampler, layer_markers
+from ngvi.nn import LayerTap, ObservationResampler, evaluate_bnn, layer_markers
 from ngvi.target import Site, Target
 
 __all__ = [
     "DiagonalFisherGuide",
+    "fast_target",
     "FitResult",
     "KFACGuide",
     "Layer",
-    "Metrics",
-    "evaluate_bnn",
-    "expected_calibration_error",
     "fit_bnn",
     "layer_fisher_stats",
     "minibatches",
@@ -107,6 +108,39 @@ def find_layers(model, args, kwargs, target: Target, rng_key) -> tuple[tuple[Lay
     obs = [s for s in tr.values() if s["type"] == "sample" and s["is_observed"]]
     sizes = [math.prod(s["fn"].batch_shape) * float(s["scale"] or 1.0) for s in obs]
     return tuple(layers), round(max(sizes, default=1))
+
+
+def fast_target(model, args: tuple, kwargs: dict, rng_key) -> Target:
+    """A ``Target`` from one jitted trace at the prior median (``init_to_median``), without
+    ``make_target``'s data and initialization checks (same layout and signature)."""
+    info: dict = {}
+
+    def latent_unc():
+        init = init_to_median(num_samples=15)
+        tr = trace(substitute(seed(model, rng_key), substitute_fn=init)).get_trace(*args, **kwargs)
+        latent = [
+            s
+            for s in tr.values()
+            if s["type"] == "sample"
+            and not s["is_observed"]
+            and not s.get("infer", {}).get("is_auxiliary", False)
+        ]
+        info["support"] = {s["name"]: s["fn"].support for s in latent}
+        info["shape"] = {s["name"]: tuple(jnp.shape(s["value"])) for s in latent}
+        plates = [s["args"] for s in tr.values() if s["type"] == "plate"]
+        info["sub"] = any(a[1] is not None and a[1] != a[0] for a in plates)
+        return {s["name"]: biject_to(s["fn"].support).inv(s["value"]) for s in latent}
+
+    unc = jax.jit(latent_unc)()
+    z0, unravel = ravel_pytree(unc)
+    sites, offset = [], 0
+    for name in sorted(unc):
+        size = int(np.size(unc[name]))
+        shape = info["shape"][name]
+        sites.append(Site(name, shape, tuple(unc[name].shape), info["support"][name], offset, size))
+        offset += size
+    signature = ";".join(f"{s.name}{s.shape}{s.support}" for s in sites)
+    return Target(model, tuple(sites), int(z0.size), z0, unravel, info["sub"], signature)
 
 
 def layer_fisher_stats(inputs: jax.Array, grads: jax.Array, bias: bool, diagonal: bool = False):
@@ -168,6 +202,9 @@ class KFACGuide(Guide):
     :param num_data: ``N``; default the observations' count times their scale (N/B * B).
     :param init_scale: initial weight standard deviation (before the first curvature estimate).
     :param init_seed: seed of the fan-in scaled initial means ``N(0, 1 / in)`` (biases 0).
+    :param fast_setup: lay the model out with one compiled trace (``fast_target``) instead of
+        ``ngvi.make_target``'s op-by-op checks, which compile hundreds of tiny programs (about a
+        minute on a busy CPU for a BNN); ``False`` runs the full checks.
     """
 
     def __init__(
@@ -182,8 +219,10 @@ class KFACGuide(Guide):
         init_scale: float = 0.01,
         init_seed: int = 0,
         init_strategy: Callable | None = None,
+        fast_setup: bool = True,
     ):
         super().__init__(model, init_strategy=init_strategy)
+        self.fast_setup = bool(fast_setup)
         if structure not in ("kfac", "diagonal"):
             raise ConfigError(f"structure must be 'kfac' or 'diagonal', got {structure!r}.")
         if fisher not in ("true", "empirical"):
@@ -199,7 +238,11 @@ class KFACGuide(Guide):
 
     # -- layout -------------------------------------------------------------------------------
     def setup(self, rng_key: jax.Array, args: tuple = (), kwargs: dict | None = None) -> Target:
-        target = super().setup(rng_key, args, kwargs)
+        if self.fast_setup and self._target is None:
+            self._target = fast_target(self.model, args, dict(kwargs or {}), rng_key)
+            target = self._target
+        else:
+            target = super().setup(rng_key, args, kwargs)
         self.layers, n = find_layers(self.model, args, dict(kwargs or {}), target, rng_key)
         self.num_data = int(self._num_data or n)
         in_layer = {s.name for L in self.layers for s in (L.w, L.b) if s is not None}
@@ -435,15 +478,6 @@ def DiagonalFisherGuide(model: Callable, **kwargs: Any) -> KFACGuide:
 
 
 # -- minibatch training and Monte Carlo prediction ---------------------------------------------
-class Metrics(NamedTuple):
-    """Predictive quality on held-out data (Monte Carlo over weight samples)."""
-
-    nll: float  # -mean_n log (1/S sum_s p(y_n | x_n, w_s))
-    accuracy: float  # classification only (NaN otherwise)
-    ece: float  # expected calibration error, 15 equal-width confidence bins (classification)
-    rmse: float  # regression only (NaN otherwise)
-
-
 class FitResult(NamedTuple):
     state: Any  # NGVIState or numpyro SVIState
     params: Any  # the fit to predict with (NGVI: averaged iterate)
@@ -461,7 +495,7 @@ def minibatches(n: int, batch_size: int, rng: np.random.Generator):
 
 
 def _driver(engine):
-    """(init, update, params, sampler) for an NGVI engine or a NumPyro SVI object."""
+    """(engine, init, update, params, sampler) for an NGVI engine or a NumPyro SVI object."""
     from numpyro.infer import SVI
 
     from ngvi.infer import NGVI
@@ -470,9 +504,10 @@ def _driver(engine):
         engine = NGVI(engine.model, engine, lr=0.1, num_particles=2)
     if isinstance(engine, NGVI):
         guide = engine.guide
-        return engine, engine.update, engine.get_params, guide.sample_posterior
-    if isinstance(engine, SVI):
-        return engine, jax.jit(engine.update), engine.get_params, engine.guide.sample_posterior
+        return engine, engine.init, engine.update, engine.get_params, guide.sample_posterior
+    if isinstance(engine, SVI):  # jitted init: NumPyro's eager setup compiles op by op
+        init, update = jax.jit(engine.init), jax.jit(engine.update)
+        return engine, init, update, engine.get_params, engine.guide.sample_posterior
     raise ConfigError(f"fit_bnn needs an NGVI engine, ngvi guide or numpyro SVI, got {engine!r}")
 
 
@@ -497,12 +532,13 @@ def fit_bnn(
     NumPyro ``SVI`` (ADVI, MAP with ``AutoDelta``). With ``eval_data=(X_test, y_test)`` the
     predictive metrics are computed every ``eval_every`` epochs and shown with the loss on a tqdm
     bar."""
-    engine, update, get_params, sampler = _driver(engine)
+    engine, init, update, get_params, sampler = _driver(engine)
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
     k_init, k_eval = jax.random.split(rng_key)
     rng = np.random.default_rng(int(jax.random.randint(k_init, (), 0, 2**31 - 1)))
     if state is None:
-        state = engine.init(k_init, X, y=y, batch_idx=jnp.arange(batch_size))
+        state = init(k_init, X, y=y, batch_idx=jnp.arange(batch_size))
+    draw = jax.jit(lambda k, p: sampler(k, p, sample_shape=(num_samples,)))
     bar = _epoch_bar(epochs, progress_bar)
     losses, times, history = [], [], []
     for epoch in range(epochs):
@@ -515,7 +551,7 @@ def fit_bnn(
         post = {"loss": f"{losses[-1]:.4g}"}
         if eval_data is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
             key = jax.random.fold_in(k_eval, epoch)
-            samples = sampler(key, get_params(state), sample_shape=(num_samples,))
+            samples = draw(key, get_params(state))
             history.append(evaluate_bnn(engine.model, samples, *eval_data))
             post["acc"] = f"{history[-1].accuracy:.3f}"
         if bar is not None:
@@ -532,49 +568,3 @@ def _epoch_bar(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="epochs", leave=False)
-
-
-def _observed_dist(model, sample: dict, X, y):
-    """The likelihood distribution and value of the model's (first) observed site."""
-    tr = trace(substitute(seed(model, 0), data=sample)).get_trace(X, y=y)
-    site = next(s for s in tr.values() if s["type"] == "sample" and s["is_observed"])
-    fn = site["fn"]
-    while isinstance(fn, (dist.ExpandedDistribution, dist.Independent)):
-        fn = fn.base_dist
-    return fn, site["value"]
-
-
-def evaluate_bnn(model, samples: dict, X: jax.Array, y: jax.Array, bins: int = 15) -> Metrics:
-    """Test metrics of the Monte Carlo predictive ``p(y | x) ~ 1/S sum_s p(y | x, w_s)``;
-    ``samples`` maps site names to (S, ...) weight draws (from ``sample_posterior``)."""
-    samples = {k: v for k, v in samples.items() if not k.endswith("__layer")}
-    S = next(iter(samples.values())).shape[0]
-    logp = jax.vmap(lambda s: _loglik_and_probs(model, s, X, y)[0])(samples)
-    nll = -float(jnp.mean(jax.nn.logsumexp(logp, axis=0) - math.log(S)))
-    fn, _ = _observed_dist(model, jax.tree.map(lambda v: v[0], samples), X, y)
-    if not isinstance(fn, (dist.CategoricalLogits, dist.CategoricalProbs)):
-        mean = jnp.mean(jax.vmap(lambda s: _loglik_and_probs(model, s, X, y)[1])(samples), 0)
-        return Metrics(nll, math.nan, math.nan, float(jnp.sqrt(jnp.mean((mean - y) ** 2))))
-    probs = jnp.mean(jax.vmap(lambda s: _loglik_and_probs(model, s, X, y)[1])(samples), 0)
-    acc = float(jnp.mean(jnp.argmax(probs, -1) == y))
-    return Metrics(nll, acc, expected_calibration_error(probs, y, bins), math.nan)
-
-
-def _loglik_and_probs(model, sample, X, y):
-    fn, value = _observed_dist(model, sample, X, y)
-    out = fn.probs if isinstance(fn, (dist.CategoricalLogits, dist.CategoricalProbs)) else fn.mean
-    return fn.log_prob(value), out
-
-
-def expected_calibration_error(probs: jax.Array, y: jax.Array, bins: int = 15) -> float:
-    """ECE = sum_b (n_b / n) |accuracy_b - confidence_b| over equal-width confidence bins
-    (Guo et al. 2017)."""
-    conf = np.asarray(jnp.max(probs, -1))
-    correct = np.asarray(jnp.argmax(probs, -1) == y, dtype=float)
-    which = np.minimum((conf * bins).astype(int), bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        mask = which == b
-        if mask.any():
-            ece += mask.mean() * abs(correct[mask].mean() - conf[mask].mean())
-    return float(ece)
