@@ -31,8 +31,8 @@ A = jnp.array
 CLOSED_FORM_TOL = 1e-10
 # Newton families: natural_to_mean(m_step(t)) reproduces t to this relative accuracy
 # (Gamma / NormalGamma: 12 Newton steps on the shape; Beta / Dirichlet: 45 safeguarded
-# Newton steps on log alpha_0 plus 6-step inverse digamma).
-NEWTON_TOL = 1e-9
+# Newton steps on log alpha_0 plus 6-step inverse digamma). Observed: <= 5e-15.
+NEWTON_TOL = 1e-12
 
 
 def _cases():
@@ -385,7 +385,7 @@ def test_svi_reaches_full_batch_vb_solution(synthetic):
     X, init, cavi = synthetic
     vb = jax.tree_util.tree_map(lambda v: v[-1], cavi.params)
     # minibatches from the model's numpyro.plate("data", N, subsample_size=B), scale N / B
-    res = em.fit_svi_gmm(X, 3, 500, B_SVI, init=init, prior=bayes_gmm.PRIOR)
+    res = em.fit_svi_gmm(X, 3, 300, B_SVI, init=init, prior=bayes_gmm.PRIOR)
     assert res.plate_scale == pytest.approx(N_SVI / B_SVI)
     np.testing.assert_allclose(res.step_sizes[:3], (np.arange(3) + 1.0) ** -0.7)
     last = jax.tree_util.tree_map(lambda v: v[-1], res.params)
