@@ -38,6 +38,10 @@ BUNDLED: dict[str, str] = {
         "gaussian_mixture",
         "funnel",
         "correlated_gaussian",
+        "bernoulli_mixture",
+        "bayes_gmm",
+        "bnn_classifier",
+        "bnn_regressor",
     )
 }
 

@@ -22,8 +22,10 @@ from numpyro.infer.autoguide import AutoNormal
 from ngvi.baselines import advi_flat
 from ngvi.errors import ConfigError
 from ngvi.guides import MeanFieldGaussian
-from ngvi.infer import NGVI, _join_data, _split_data
+from ngvi.infer import NGVI
 from ngvi.scoring import first_touch, make_elbo_scorer, meanfield_optimum, steps_to_within
+from ngvi.target import join_data as _join_data
+from ngvi.target import split_data as _split_data
 
 __all__ = ["MethodTrace", "trace_ngvi", "trace_advi", "compare_vi", "compare", "verdicts"]
 

@@ -31,7 +31,8 @@ from numpyro.infer.util import log_density
 
 from ngvi.errors import ConfigError, DataError, ModelError
 from ngvi.guides import Guide
-from ngvi.infer import _join_data, _split_data
+from ngvi.target import join_data as _join_data
+from ngvi.target import split_data as _split_data
 
 __all__ = [
     "ModelLayout",

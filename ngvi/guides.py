@@ -102,6 +102,11 @@ class Guide:
     def kl(self, p: dict, q: dict) -> jax.Array:
         raise NotImplementedError
 
+    def average(self, avg: dict, params: dict, w) -> dict:
+        """Move the reported iterate average a fraction ``w`` towards ``params``; guides whose
+        params carry running statistics (not a distribution) may keep those out of it."""
+        return jax.tree.map(lambda a, p: a + w * (p - a), avg, params)
+
     def flat_distribution(self, params: dict) -> dist.Distribution:
         raise NotImplementedError
 

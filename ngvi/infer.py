@@ -30,6 +30,8 @@ from jax import lax
 from ngvi.checkpoint import load_checkpoint, save_checkpoint
 from ngvi.errors import ConfigError, FitError
 from ngvi.guides import Guide, tree_vdot
+from ngvi.target import join_data as _join_data
+from ngvi.target import split_data as _split_data
 
 __all__ = ["NGVI", "NGVIInfo", "NGVIRunResult", "NGVIState"]
 
@@ -61,6 +63,7 @@ class StepContext(NamedTuple):
     data: tuple  # (args, kwargs) of the model
     model_key: Any  # key for the model's own randomness (subsampling), or None
     loss_fn: Callable  # params -> -ELBO on this noise and minibatch
+    rng_key: Any = None  # a fresh key for the guide's own randomness (e.g. sampled targets)
 
 
 class NGVIRunResult(NamedTuple):
@@ -72,24 +75,6 @@ class NGVIRunResult(NamedTuple):
     num_rejected: int
     info: NGVIInfo
     interrupted: bool = False
-
-
-def _is_array(x) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray))
-
-
-def _split_data(args: tuple, kwargs: dict):
-    """Arrays in (args, kwargs) become traced inputs; everything else is static (hashable)."""
-    leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=lambda x: x is None)
-    dynamic = [x if _is_array(x) else None for x in leaves]
-    static = tuple(None if _is_array(x) else x for x in leaves)
-    return dynamic, (treedef, static)
-
-
-def _join_data(dynamic, spec):
-    treedef, static = spec
-    leaves = [d if s is None and d is not None else s for d, s in zip(dynamic, static)]
-    return jax.tree.unflatten(treedef, leaves)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -171,12 +156,12 @@ class NGVI:
         return -(jnp.mean(logp) + self.guide.entropy(params))
 
     def _step(self, state: NGVIState, data, tol) -> tuple[NGVIState, NGVIInfo]:
-        key, k_eps, k_model = jax.random.split(state.rng_key, 3)
+        key, k_eps, k_model, k_guide = jax.random.split(state.rng_key, 4)
         eps = self.guide.base_noise(k_eps, self.num_particles)
         model_key = k_model if self.guide.target.has_subsample else None
         loss_fn = lambda p: self._neg_elbo(p, eps, data, model_key)
         loss, grad = jax.value_and_grad(loss_fn)(state.params)
-        ctx = StepContext(eps, data, model_key, loss_fn)
+        ctx = StepContext(eps, data, model_key, loss_fn, k_guide)
         proposal = self.guide.natural_step(
             state.params, grad, self.lr, state.damping, state.step, ctx
         )
@@ -197,10 +182,13 @@ class NGVI:
         # steps, capped by ``average``): early iterates are forgotten, late noise averages out
         n = (state.step - state.num_rejected).astype(loss.dtype)
         w = jnp.maximum(1.0 / (1.0 + 0.1 * n), 1.0 - self.average)
-        avg = jax.tree.map(
-            lambda a, p: jnp.where(accept, a + w * (p - a), a), state.avg_params, params
+        avg = self.guide.average(state.avg_params, params, jnp.where(accept, w, 0.0))
+        # the averaged-iterate KL drives the stopping rule only: skip it when there is no tol
+        kl = lax.cond(
+            tol > 0,
+            lambda: self.guide.kl(state.avg_params, avg).astype(loss.dtype),
+            lambda: jnp.zeros((), loss.dtype),
         )
-        kl = self.guide.kl(state.avg_params, avg)
         calm = jnp.where(kl < tol, state.calm_steps + 1, 0)
         rejected = (~accept).astype(jnp.int32)
         new_state = NGVIState(
@@ -213,7 +201,11 @@ class NGVI:
             jnp.where(accept, 0, state.consecutive_rejected + 1),
             calm,
         )
-        step_kl = jnp.where(accept, self.guide.kl(state.params, params), 0.0)
+        step_kl = (
+            jnp.where(accept, self.guide.kl(state.params, params), 0.0)
+            if self.max_kl is not None
+            else jnp.full((), jnp.nan, loss.dtype)
+        )
         return new_state, NGVIInfo(loss, accept, state.damping, kl, step_kl)
 
     def _trust_region(self, params, proposal, full_step):

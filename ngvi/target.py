@@ -31,7 +31,7 @@ from numpyro.infer.util import constrain_fn, log_density, potential_energy
 
 from ngvi.errors import DataError, ModelError
 
-__all__ = ["Site", "Target", "make_target"]
+__all__ = ["Site", "Target", "make_target", "split_data", "join_data"]
 
 
 class Site(NamedTuple):
@@ -78,6 +78,24 @@ class Target(NamedTuple):
     def site_slices(self) -> dict[str, slice]:
         """Where each site lives in the flat vector."""
         return {s.name: slice(s.offset, s.offset + s.size) for s in self.sites}
+
+
+def is_array(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray))
+
+
+def split_data(args: tuple, kwargs: dict):
+    """Arrays in (args, kwargs) become traced inputs; everything else is static (hashable)."""
+    leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=lambda x: x is None)
+    dynamic = [x if is_array(x) else None for x in leaves]
+    static = tuple(None if is_array(x) else x for x in leaves)
+    return dynamic, (treedef, static)
+
+
+def join_data(dynamic, spec):
+    treedef, static = spec
+    leaves = [d if s is None and d is not None else s for d, s in zip(dynamic, static)]
+    return jax.tree.unflatten(treedef, leaves)
 
 
 def _trace_model(model, args, kwargs, rng_key):
@@ -221,10 +239,7 @@ def _find_init(model, args, kwargs, latent, unravel, rng_key, init_strategy, tri
         unc = {s["name"]: biject_to(s["fn"].support).inv(tr[s["name"]]["value"]) for s in latent}
         z, _ = ravel_pytree(unc)
 
-        def pot(z, key=key):
-            return potential_energy(seed(model, key), args, kwargs, unravel(z))
-
-        pe, g = jax.value_and_grad(pot)(z)
+        pe, g = _potential_and_grad(model, args, kwargs, unravel, key, z)
         if np.isfinite(pe) and np.all(np.isfinite(g)):
             return z
     bad = _nonfinite_sites(tr)
@@ -233,6 +248,18 @@ def _find_init(model, args, kwargs, latent, unravel, rng_key, init_strategy, tri
         f"probability of site(s) {bad} is -inf or NaN there. Check the parameters of these sites "
         "(e.g. a scale that can be zero or negative) and that the data lie in their support."
     )
+
+
+def _potential_and_grad(model, args, kwargs, unravel, key, z):
+    """Potential energy and its gradient, compiled once (data as traced inputs, not constants)."""
+    dynamic, spec = split_data(args, kwargs)
+
+    @jax.jit
+    def f(z, dynamic, key):
+        a, k = join_data(dynamic, spec)
+        return jax.value_and_grad(lambda z: potential_energy(seed(model, key), a, k, unravel(z)))(z)
+
+    return f(z, dynamic, key)
 
 
 def _nonfinite_sites(tr) -> list[str]:

@@ -37,6 +37,16 @@ EXPECTED_LATENT = {
     "gaussian_mixture": {"weights": (3,), "locs": (3, 2), "scales": (3, 2)},
     "funnel": {"v": (), "x": ()},
     "correlated_gaussian": {"x": (2,)},
+    "bernoulli_mixture": {"weights": (10,), "probs": (10, 64)},
+    "bayes_gmm": {"weights": (3,), "tau": (3, 2), "mu": (3, 2)},
+    "bnn_classifier": {"hidden_w": (64, 32), "hidden_b": (32,), "out_w": (32, 10), "out_b": (10,)},
+    "bnn_regressor": {
+        "sigma": (),
+        "hidden_w": (10, 50),
+        "hidden_b": (50,),
+        "out_w": (50, 1),
+        "out_b": (1,),
+    },
 }
 
 
