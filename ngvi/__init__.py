@@ -1,13 +1,16 @@
 """ngvi: natural-gradient variational inference for NumPyro models."""
 
-from ngvi import families
+from ngvi import em, families, kfac, nn
 from ngvi.baselines import advi, nuts
 from ngvi.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ngvi.compare import compare, compare_vi
 from ngvi.diagnostics import PSISResult, psis_diagnostic, psis_khat, to_inference_data
 from ngvi.errors import ConfigError, DataError, FitError, ModelError, NGVIError
+from ngvi.expfam_guide import ExpFamilyGuide
+from ngvi.fullrank import FullRankGaussian
 from ngvi.guides import Guide, MeanFieldGaussian
 from ngvi.infer import NGVI, NGVIInfo, NGVIRunResult, NGVIState, StepContext
+from ngvi.kfac import DiagonalFisherGuide, KFACGuide
 from ngvi.plots import plot_elbo, plot_marginals, plot_pair
 from ngvi.target import Site, Target, make_target
 
@@ -19,7 +22,14 @@ __all__ = [
     "StepContext",
     "Guide",
     "MeanFieldGaussian",
+    "FullRankGaussian",
+    "ExpFamilyGuide",
+    "KFACGuide",
+    "DiagonalFisherGuide",
     "families",
+    "em",
+    "kfac",
+    "nn",
     "Target",
     "Site",
     "make_target",

@@ -34,7 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--advi-steps", type=int, default=10000)
     cmp_.add_argument("--advi-lr", default="0.01,0.05", help="comma-separated learning rates")
     cmp_.add_argument("--advi-particles", default="1", help="comma-separated particle counts")
-    cmp_.add_argument("--methods", default="ngvi,advi", help="comma-separated: ngvi,advi,nuts")
+    cmp_.add_argument(
+        "--methods", default="ngvi,advi", help="comma-separated: ngvi,fullrank,advi,nuts"
+    )
+    cmp_.add_argument("--pair", default=None, help="two coordinates for the pair plot, e.g. mu,tau")
     cmp_.add_argument("--nuts-samples", type=int, default=1000, help="NUTS draws per chain")
     cmp_.add_argument(
         "--plot",

@@ -156,7 +156,8 @@ class NGVI:
         return -(jnp.mean(logp) + self.guide.entropy(params))
 
     def _step(self, state: NGVIState, data, tol) -> tuple[NGVIState, NGVIInfo]:
-        key, k_eps, k_model, k_guide = jax.random.split(state.rng_key, 4)
+        key, k_eps, k_model = jax.random.split(state.rng_key, 3)
+        k_guide = jax.random.fold_in(k_model, 1)
         eps = self.guide.base_noise(k_eps, self.num_particles)
         model_key = k_model if self.guide.target.has_subsample else None
         loss_fn = lambda p: self._neg_elbo(p, eps, data, model_key)

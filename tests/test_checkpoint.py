@@ -79,6 +79,7 @@ CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # ~35 s: three subprocess fits
 def test_killed_fit_resumes_to_the_same_parameters(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD)

@@ -111,7 +111,16 @@ def _advi_first_within(name, tol=1e-2, num_steps=1500, every=10):
     return int(np.argmax(ok) + 1) * every if ok.any() else None
 
 
-@pytest.mark.parametrize("name", list(CONJUGATE))
+@pytest.mark.parametrize(
+    "name",
+    # Beta and Dirichlet compile slow samplers (~20 s each): they run in the slow job
+    [
+        pytest.param(n, marks=pytest.mark.slow)
+        if n in ("beta_bernoulli", "dirichlet_categorical")
+        else n
+        for n in CONJUGATE
+    ],
+)
 def test_conjugate_models_in_one_natural_step(name):
     """Conjugate-computation VI (Khan & Lin 2017): log p is linear in the factor's sufficient
     statistics, so the regression estimator is exact and one unit natural step lands on the
@@ -159,6 +168,7 @@ def test_max_kl_on_gamma_poisson():
     assert float(jnp.sqrt(a) / b) == pytest.approx(float(exact["sd"]), rel=0.03)
 
 
+@pytest.mark.slow  # ~20 s of Gamma/Beta sampler compiles
 def test_mixed_model_run_sample_posterior_and_predictive():
     """Eight schools: Gamma on tau, Gaussians on mu and theta_tilde, pathwise gradients
     (implicit reparameterisation for the Gamma) preconditioned by each family's closed-form

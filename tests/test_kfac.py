@@ -131,6 +131,7 @@ def _check_better(kfac, advi):
     assert k.accuracy >= a.accuracy and k.nll <= a.nll and k.ece <= a.ece
 
 
+@pytest.mark.slow  # ~45 s: two BNN fits; the slow job runs it
 def test_classifier_beats_advi_quick():
     """2 epochs, batch 64: K-FAC NGVI predicts at least as well as mean-field ADVI (accuracy,
     NLL) and is better calibrated (ECE); Predictive works with the K-FAC guide."""
