@@ -20,7 +20,6 @@ draw a random minibatch per step; ``batch_idx`` (an int array of length B) uses 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax
@@ -29,7 +28,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 
-from ngvi.nn import dense
+from ngvi.nn import data_plate, dense, minibatch
 
 HIDDEN = 32
 NUM_CLASSES = 10
@@ -37,34 +36,11 @@ NUM_CLASSES = 10
 
 def model(X, y=None, subsample_size=None, batch_idx=None, hidden=HIDDEN, prior_scale=1.0):
     n = X.shape[0]
-    xb, yb = _batch(X, y, subsample_size, batch_idx)
+    xb, yb = minibatch(X, y, subsample_size, batch_idx)
     h = jax.nn.relu(dense("hidden", xb, hidden, prior_scale=prior_scale))
     logits = dense("out", h, NUM_CLASSES, prior_scale=prior_scale)
-    with _data_plate(n, xb.shape[0], batch_idx):
+    with data_plate(n, xb.shape[0], batch_idx):
         numpyro.sample("y", dist.Categorical(logits=logits), obs=yb)
-
-
-def _batch(X, y, subsample_size, batch_idx):
-    """This step's rows: all, a NumPyro subsample (random, from the plate) or ``batch_idx``."""
-    if batch_idx is not None:
-        return X[batch_idx], None if y is None else y[batch_idx]
-    if subsample_size is None:
-        return X, y
-    with numpyro.plate("data", X.shape[0], subsample_size=subsample_size) as idx:
-        return X[idx], None if y is None else y[idx]
-
-
-def _data_plate(n, size, batch_idx):
-    """The likelihood plate, scaled by N / B for a minibatch (given rows: no random draw)."""
-    if batch_idx is None:
-        return numpyro.plate("data", n, subsample_size=size)
-    return _scaled_plate(size, n / size)
-
-
-@contextlib.contextmanager
-def _scaled_plate(size, scale):
-    with numpyro.plate("data", size), numpyro.handlers.scale(scale=scale):
-        yield
 
 
 @functools.lru_cache(maxsize=1)

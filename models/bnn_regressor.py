@@ -20,7 +20,6 @@ Call as ``model(X, y=None, subsample_size=None, batch_idx=None)`` (see ``bnn_cla
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax.numpy as jnp
@@ -28,7 +27,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 
-from ngvi.nn import dense
+from ngvi.nn import data_plate, dense, minibatch
 
 HIDDEN = 50
 
@@ -36,34 +35,11 @@ HIDDEN = 50
 def model(X, y=None, subsample_size=None, batch_idx=None, hidden=HIDDEN, prior_scale=1.0):
     n = X.shape[0]
     sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
-    xb, yb = _batch(X, y, subsample_size, batch_idx)
+    xb, yb = minibatch(X, y, subsample_size, batch_idx)
     h = jnp.tanh(dense("hidden", xb, hidden, prior_scale=prior_scale))
     mean = dense("out", h, 1, prior_scale=prior_scale)[..., 0]
-    with _data_plate(n, xb.shape[0], batch_idx):
+    with data_plate(n, xb.shape[0], batch_idx):
         numpyro.sample("y", dist.Normal(mean, sigma), obs=yb)
-
-
-def _batch(X, y, subsample_size, batch_idx):
-    """This step's rows: all, a NumPyro subsample (random, from the plate) or ``batch_idx``."""
-    if batch_idx is not None:
-        return X[batch_idx], None if y is None else y[batch_idx]
-    if subsample_size is None:
-        return X, y
-    with numpyro.plate("data", X.shape[0], subsample_size=subsample_size) as idx:
-        return X[idx], None if y is None else y[idx]
-
-
-def _data_plate(n, size, batch_idx):
-    """The likelihood plate, scaled by N / B for a minibatch (given rows: no random draw)."""
-    if batch_idx is None:
-        return numpyro.plate("data", n, subsample_size=size)
-    return _scaled_plate(size, n / size)
-
-
-@contextlib.contextmanager
-def _scaled_plate(size, scale):
-    with numpyro.plate("data", size), numpyro.handlers.scale(scale=scale):
-        yield
 
 
 @functools.lru_cache(maxsize=1)

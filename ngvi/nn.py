@@ -19,6 +19,7 @@ model, not detected by pattern matching: a weight used outside ``dense`` is an o
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -33,6 +34,8 @@ from numpyro.handlers import seed, substitute, trace
 from numpyro.primitives import Messenger, apply_stack
 
 __all__ = [
+    "minibatch",
+    "data_plate",
     "LAYER",
     "LayerTap",
     "Metrics",
@@ -209,3 +212,29 @@ def expected_calibration_error(probs: jax.Array, y: jax.Array, bins: int = 15) -
         if mask.any():
             ece += mask.mean() * abs(correct[mask].mean() - conf[mask].mean())
     return float(ece)
+
+
+# -- minibatch plumbing shared by the BNN models --------------------------------------------
+def minibatch(X, y, subsample_size, batch_idx):
+    """Rows for this step of a BNN model's data: all, a NumPyro subsample (random, from the
+    plate "data") or the given ``batch_idx``."""
+    if batch_idx is not None:
+        return X[batch_idx], None if y is None else y[batch_idx]
+    if subsample_size is None:
+        return X, y
+    with numpyro.plate("data", X.shape[0], subsample_size=subsample_size) as idx:
+        return X[idx], None if y is None else y[idx]
+
+
+def data_plate(n, size, batch_idx):
+    """The likelihood plate, scaled by N / B for a minibatch (given rows: no random draw)."""
+    if batch_idx is None:
+        return numpyro.plate("data", n, subsample_size=size)
+    return _scaled_plate(size, n / size)
+
+
+@contextlib.contextmanager
+def _scaled_plate(size, scale):
+    """A plate over the given rows whose log-likelihood is scaled by ``scale`` (= N / B)."""
+    with numpyro.plate("data", size), numpyro.handlers.scale(scale=scale):
+        yield
