@@ -12,6 +12,7 @@ from ngvi.guides import Guide, MeanFieldGaussian
 from ngvi.infer import NGVI, NGVIInfo, NGVIRunResult, NGVIState, StepContext
 from ngvi.kfac import DiagonalFisherGuide, KFACGuide
 from ngvi.plots import plot_elbo, plot_marginals, plot_pair
+from ngvi.sharding import data_mesh, shard_data
 from ngvi.target import Site, Target, make_target
 
 __all__ = [
@@ -44,6 +45,8 @@ __all__ = [
     "plot_elbo",
     "plot_marginals",
     "plot_pair",
+    "data_mesh",
+    "shard_data",
     "save_checkpoint",
     "load_checkpoint",
     "CheckpointError",
