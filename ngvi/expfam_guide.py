@@ -249,6 +249,12 @@ class ExpFamilyGuide(Guide):
         single = sum(math.prod(f.batch_shape) for f in self.factors) == 1
         return "regression" if single else "pathwise"
 
+    @property
+    def crn_descent(self) -> bool:
+        """Only pathwise directions are descent steps on the engine's common-random-numbers loss;
+        regression and score-function directions are judged within its Monte Carlo error."""
+        return self.resolved_estimator == "pathwise"
+
     def _etas(self, params: dict) -> list[tuple]:
         return [tuple(params[k] for k in f.keys()) for f in self.factors]
 

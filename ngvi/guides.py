@@ -36,6 +36,11 @@ class Guide:
     (done by ``NGVI.init``) and keeps it; a later setup with a model of another layout raises.
     """
 
+    #: True when ``natural_step`` is a descent step on the step's common-random-numbers loss
+    #: (its direction is built from that loss's gradient), so the engine may judge it by that
+    #: loss alone; False for directions from other estimators (see ``NGVI``'s accept rule).
+    crn_descent: bool = True
+
     def __init__(self, model: Callable, *, init_strategy: Callable | None = None):
         if not callable(model):
             raise ConfigError(f"model must be a callable NumPyro model, got {model!r}.")

@@ -77,6 +77,17 @@ class NGVIRunResult(NamedTuple):
     interrupted: bool = False
 
 
+def _mc_error(diff: jax.Array) -> jax.Array:
+    """Standard error of ``mean(diff)`` over particles; antithetic pairs (k, k + K/2) are
+    averaged first since they are not independent. Zero (no estimate) below two units."""
+    k = diff.shape[0]
+    units = 0.5 * (diff[: k // 2] + diff[k // 2 :]) if k % 2 == 0 and k >= 4 else diff
+    n = units.shape[0]
+    if n < 2:
+        return jnp.zeros((), diff.dtype)
+    return jnp.std(units, ddof=1) / jnp.sqrt(n)
+
+
 def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
@@ -147,37 +158,53 @@ class NGVI:
             params, params, jnp.asarray(self.damping, params_dtype(params)), key_run, i0, i0, i0, i0
         )
 
-    def _neg_elbo(self, params, eps, data, model_key):
-        """-ELBO = -(mean_k log p(x, z_k) + H[q]) with z_k the reparameterized samples."""
+    def _neg_elbo_and_logp(self, params, eps, data, model_key):
+        """(-ELBO, log p(x, z_k) per particle) with -ELBO = -(mean_k log p(x, z_k) + H[q]) and
+        z_k the reparameterized samples."""
         args, kwargs = data
         target = self.guide.target
         z = self.guide.reparam(params, eps)
         logp = jax.vmap(lambda zi: target.log_density(zi, args, kwargs, model_key))(z)
-        return -(jnp.mean(logp) + self.guide.entropy(params))
+        return -(jnp.mean(logp) + self.guide.entropy(params)), logp
+
+    def _neg_elbo(self, params, eps, data, model_key):
+        """-ELBO = -(mean_k log p(x, z_k) + H[q]) with z_k the reparameterized samples."""
+        return self._neg_elbo_and_logp(params, eps, data, model_key)[0]
 
     def _step(self, state: NGVIState, data, tol) -> tuple[NGVIState, NGVIInfo]:
         key, k_eps, k_model = jax.random.split(state.rng_key, 3)
         k_guide = jax.random.fold_in(k_model, 1)
         eps = self.guide.base_noise(k_eps, self.num_particles)
         model_key = k_model if self.guide.target.has_subsample else None
-        loss_fn = lambda p: self._neg_elbo(p, eps, data, model_key)
-        loss, grad = jax.value_and_grad(loss_fn)(state.params)
+        loss_and_logp = lambda p: self._neg_elbo_and_logp(p, eps, data, model_key)
+        loss_fn = lambda p: loss_and_logp(p)[0]
+        (loss, logp), grad = jax.value_and_grad(loss_and_logp, has_aux=True)(state.params)
         ctx = StepContext(eps, data, model_key, loss_fn, k_guide)
         proposal = self.guide.natural_step(
             state.params, grad, self.lr, state.damping, state.step, ctx
         )
         full_step = jax.tree.map(jnp.subtract, proposal, state.params)
         proposal, frac = self._trust_region(state.params, proposal, full_step)
-        new_loss = loss_fn(proposal)
+        new_loss, new_logp = loss_and_logp(proposal)
         actual = loss - new_loss
+        # A guide whose step is a descent step on this common-random-numbers loss (VON, K-FAC)
+        # is judged by the loss itself. One whose direction comes from another estimator
+        # (regression, score function) is only judged by changes beyond the loss's Monte Carlo
+        # error: near the optimum the sign of a smaller change is a coin flip, and rejecting on
+        # it would ratchet the damping up until the fit froze.
+        if self.guide.crn_descent:
+            tolerance, significant = jnp.zeros_like(actual), jnp.array(True)
+        else:
+            tolerance = 2.0 * _mc_error(new_logp - logp)
+            significant = jnp.abs(actual) > tolerance
         # quadratic-model decrease of the step cut to a fraction t of a Newton step: (t - t^2/2)
         predicted = -(frac - 0.5 * frac**2) * tree_vdot(grad, full_step)
         finite = (
             jnp.isfinite(loss) & jnp.isfinite(new_loss) & _all_finite(proposal) & _all_finite(grad)
         )
         slack = 16 * jnp.finfo(loss.dtype).eps * (jnp.abs(loss) + 1.0)  # rounding, not a worse fit
-        accept = finite & (actual >= -slack)
-        damping = self._adapt(state.damping, accept, actual, predicted)
+        accept = finite & (actual >= -jnp.maximum(slack, tolerance))
+        damping = self._adapt(state.damping, accept, actual, predicted, significant)
         params = jax.tree.map(lambda a, b: jnp.where(accept, a, b), proposal, state.params)
         # iterate averaging over a window that grows with the run (the last ~10% of accepted
         # steps, capped by ``average``): early iterates are forgotten, late noise averages out
@@ -233,15 +260,21 @@ class NGVI:
         t = jnp.where(full, one, lo)
         return jax.tree.map(lambda a, b: jnp.where(full, a, b), proposal, at(t)), t
 
-    def _adapt(self, damping, accept, actual, predicted):
-        """Levenberg-Marquardt rule (Martens & Grosse 2015, sec. 6.5), NaN counts as failure."""
+    def _adapt(self, damping, accept, actual, predicted, significant):
+        """Levenberg-Marquardt rule (Martens & Grosse 2015, sec. 6.5), NaN counts as failure.
+
+        ``rho = actual / predicted``: shrink the damping by 0.77 above 0.75, grow it by 1/0.77
+        below 0.25, and by 4 on a rejected step. A change in the loss within its own Monte Carlo
+        error (``significant`` false, only for guides whose step is not a descent step on the
+        common-random-numbers loss) says nothing about the damping: an accepted one shrinks it."""
         if not self.adapt_damping:
             return damping
         rho = jnp.where(predicted > 0, actual / predicted, 1.0)
         floor = self.damping
-        grown = jnp.maximum(damping / 0.77, 1e-2)
-        new = jnp.where(rho > 0.75, jnp.maximum(0.77 * damping, floor), damping)
-        new = jnp.where(rho < 0.25, grown, new)
+        shrunk = jnp.maximum(0.77 * damping, floor)
+        new = jnp.where(rho > 0.75, shrunk, damping)
+        new = jnp.where(rho < 0.25, jnp.maximum(damping / 0.77, 1e-2), new)
+        new = jnp.where(significant, new, shrunk)
         new = jnp.where(accept, new, jnp.maximum(4.0 * damping, 0.1))
         return jnp.where(new < 1e-3 + floor, floor, new)
 

@@ -154,9 +154,9 @@ def test_entropy_on_the_unconstrained_scale_matches_monte_carlo():
 
 def test_max_kl_on_gamma_poisson():
     """With max_kl every accepted step stays in the KL region (the first unit step is cut back
-    to it) and the run still reaches the posterior. (Near the optimum the engine rejects steps
-    whose gain is below the Monte Carlo noise of the loss and its damping then stalls the run,
-    measured ~0.4% from the exact mean, hence the tolerance.)"""
+    to it) and the run still reaches the exact posterior. Near the optimum the regression
+    direction changes the loss by less than its Monte Carlo error; the engine must not read
+    those coin flips as failures (it once grew the damping to ~1e6 and froze 0.4% short)."""
     model, args, kwargs = models.load("gamma_poisson")
     exact = models.load_module("gamma_poisson").posterior_moments(*args, **kwargs)["lam"]
     guide = ExpFamilyGuide(model)
@@ -164,8 +164,9 @@ def test_max_kl_on_gamma_poisson():
     step_kl = np.asarray(result.info.step_kl)[np.asarray(result.info.accepted)]
     assert np.all(step_kl <= 0.05 + 1e-6) and step_kl[0] > 0.045
     a, b = guide.factors[0].family.standard(guide._etas(result.params)[0])
-    assert float(a / b) == pytest.approx(float(exact["mean"]), rel=0.01)
-    assert float(jnp.sqrt(a) / b) == pytest.approx(float(exact["sd"]), rel=0.03)
+    assert float(a / b) == pytest.approx(float(exact["mean"]), rel=1e-4)
+    assert float(jnp.sqrt(a) / b) == pytest.approx(float(exact["sd"]), rel=1e-4)
+    assert float(np.max(np.asarray(result.info.damping)[-50:])) < 1.0
 
 
 @pytest.mark.slow  # ~20 s of Gamma/Beta sampler compiles

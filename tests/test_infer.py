@@ -217,3 +217,19 @@ def test_meanfield_scales_to_a_million_latent_dimensions():
     engine = NGVI(model, MeanFieldGaussian(model), num_particles=2)
     r = engine.run(jax.random.PRNGKey(0), 3, progress_bar=False, chunk_size=3)
     assert r.params["loc"].shape == (d,) and np.all(np.isfinite(r.params["scale"]))
+
+
+def test_mc_error_averages_antithetic_pairs_first():
+    """The accept rule's Monte Carlo error: pairs (k, k + K/2) are one unit, so a difference that
+    is odd in the noise has no error, and independent units give std / sqrt(n)."""
+    from ngvi.infer import _mc_error
+
+    half = jnp.array([0.3, -1.2, 2.0, 0.7])
+    assert float(_mc_error(jnp.concatenate([half, -half]))) == 0.0
+    units = jnp.array([1.0, 2.0, 4.0, 7.0])
+    expected = float(np.std(np.asarray(units), ddof=1) / 2.0)
+    assert float(_mc_error(jnp.concatenate([units, units]))) == pytest.approx(expected)
+    assert float(_mc_error(jnp.array([1.0, 2.0, 4.0]))) == pytest.approx(
+        float(np.std([1.0, 2.0, 4.0], ddof=1) / np.sqrt(3))
+    )
+    assert float(_mc_error(jnp.array([5.0]))) == 0.0
