@@ -113,6 +113,10 @@ def _trace_model(model, args, kwargs, rng_key):
 def _check_observed(site) -> None:
     """Observed values must be finite and inside the likelihood's support."""
     name, value, fn = site["name"], site["value"], site["fn"]
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        value = _global_observed(value, getattr(fn, "support", None))
+        if value is None:
+            return
     arr = np.asarray(value)
     if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
         bad = arr[~np.isfinite(arr)].ravel()[0]
@@ -134,6 +138,19 @@ def _check_observed(site) -> None:
             f"{type(fn).__name__} likelihood ({support}): fix the data or choose a likelihood "
             "whose support contains it."
         )
+
+
+def _global_observed(value: jax.Array, support):
+    """Data spread over several processes (``jax.make_array_from_process_local_data``): check
+    them on their devices; only when a check fails, gather them to report the bad entry."""
+    ok = jnp.all(jnp.isfinite(value)) if jnp.issubdtype(value.dtype, jnp.floating) else True
+    if support is not None:
+        ok = ok & jnp.all(support(value))
+    if bool(ok):
+        return None
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(value, tiled=True)
 
 
 def _check_latent(site) -> None:
