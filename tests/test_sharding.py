@@ -204,3 +204,90 @@ def test_sharded_fit_matches_one_device_long_and_subsampled(tmp_path, batch):
     """Same check over 300 steps, and with ``numpyro.plate(..., subsample_size=400)`` on the
     sharded rows (the subsample indices are drawn from the same key on every device)."""
     _check_sharded_run(_run_child(tmp_path, 300, batch), rtol=1e-5, atol=1e-6)
+
+
+# -- several processes (hosts), JAX's own multi-process runtime ---------------------------------
+
+HOSTS_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    pid, port = int(sys.argv[1]), sys.argv[2]
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
+    import jax.numpy as jnp, numpy as np, numpyro, numpyro.distributions as dist
+    from numpyro.infer.initialization import init_to_value
+    import ngvi
+
+    N, P = 4000, 4
+
+    def model(X, y=None):
+        w = numpyro.sample("w", dist.Normal(0.0, 1.0).expand([X.shape[1]]).to_event(1))
+        with numpyro.plate("data", X.shape[0]):
+            numpyro.sample("y", dist.Bernoulli(logits=X @ w), obs=y)
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(N, P)).astype(np.float32)
+    y = (rng.random(N) < 1 / (1 + np.exp(-X @ np.array([1.0, -1.0, 0.5, 0.0])))).astype("f4")
+    rows = np.array_split(np.arange(N), jax.process_count())[jax.process_index()]
+    sharding = jax.sharding.NamedSharding(ngvi.data_mesh(), jax.sharding.PartitionSpec("data"))
+    Xg = jax.make_array_from_process_local_data(sharding, X[rows])
+    yg = jax.make_array_from_process_local_data(sharding, y[rows])
+    out = {"global_devices": len(jax.devices()), "local": Xg.addressable_shards[0].data.shape}
+    bad = y.copy()
+    bad[3000] = 2.0  # held by process 1 only
+    try:
+        ngvi.make_target(model, (Xg,), {"y": jax.make_array_from_process_local_data(
+            sharding, bad[rows])})
+    except ngvi.DataError as e:
+        out["error"] = str(e)
+    guide = ngvi.MeanFieldGaussian(model, init_strategy=init_to_value(values={"w": jnp.zeros(P)}))
+    r = ngvi.NGVI(model, guide).run(jax.random.PRNGKey(0), 30, Xg, y=yg, progress_bar=False,
+                                    chunk_size=30)
+    out["params"] = {k: np.asarray(v).tolist() for k, v in r.params.items()}
+    ref = ngvi.NGVI(model, guide).run(jax.random.PRNGKey(0), 30, X, y=y, progress_bar=False,
+                                      chunk_size=30)  # this process alone, unsharded
+    out["ref"] = {k: np.asarray(v).tolist() for k, v in ref.params.items()}
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.mark.slow  # ~40 s on a busy 2-core machine: two processes, each compiles the fit
+def test_two_processes_with_jax_distributed_match_one_device(tmp_path):
+    """The README's multi-host recipe on one machine: two processes joined by
+    ``jax.distributed.initialize`` (CPU collectives over gloo), a global mesh over both, each
+    process holding its 2000 rows (``jax.make_array_from_process_local_data``). The data checks
+    run on the devices (a bad label held by process 1 is reported by both) and the fit equals
+    the one-process, one-device fit (tolerance as in the 4-device test)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "host.py"
+    script.write_text(HOSTS_CHILD)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(i), str(port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
+    outs = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, stderr[-3000:]
+        outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    for out in outs:
+        assert out["global_devices"] == 2 and out["local"] == [2000, 4]
+        assert "observed site 'y' has value 2.0 at index (3000,)" in out["error"]
+        for k in ("loc", "scale"):
+            np.testing.assert_allclose(out["params"][k], out["ref"][k], rtol=1e-5, atol=1e-6)
+    assert outs[0]["params"] == outs[1]["params"]  # one global fit, not two local ones
