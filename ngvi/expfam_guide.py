@@ -15,26 +15,30 @@ the noisy estimates: ``ngvi.guides.default_precision_schedule``). The damping is
 domain (every domain here is a box: ``a > 0``, ``b > 0``, ``-1/(2 sigma^2) < 0``) is cut per
 factor to half the distance to the boundary, so every iterate is a valid distribution.
 
-**Gradient estimators** (``estimator=``), for ``f(x) = log p(data, x)`` in the factor's own space
-(``"auto"``, the default, takes ``"regression"`` when the guide has a single factor, e.g. a
-one-site conjugate model, and ``"pathwise"`` otherwise, where the other factors' noise makes the
-regression estimator far noisier):
+**Gradient estimators** (``estimator=``, one name for every site or ``{site: name}``; the
+formulas and their variances are in ``ngvi.expfam_estimators``), for ``f(x) = log p(data, x)`` in
+the factor's own space:
 
-* ``"regression"`` (Salimans & Knowles 2013): with ``H[q] = A - <eta, m> - E log h`` the
-  natural gradient is ``nat = beta - eta`` where ``beta = Cov_q[T]^-1 Cov_q[T, f]`` is the
-  least-squares regression of ``f(x_k)`` on the sufficient statistics ``T(x_k)`` of P draws
-  (with an intercept, one k x k solve per factor; k = 2, or K for a Dirichlet). It is the
-  score-function gradient with the optimal linear control variate. **Variance**: zero when ``f``
-  is linear in ``T`` (conjugate sites: one unit step lands on the exact posterior, conjugate-
-  computation VI), given ``P >= k + 1`` distinct draws; otherwise the part of ``f`` that ``T``
-  does not explain (other sites, non-conjugate terms) acts as noise, variance
-  ``~ Var[residual] / (P Var[T])``, with an O(1/P) ratio bias. Needs P log densities, no gradient.
 * ``"pathwise"``: ``nat = -F(eta)^-1 grad_eta L`` with the family's closed-form
   ``fisher_inverse`` and the engine's autodiff gradient of ``L = -ELBO``, which flows through the
   draws by implicit reparameterisation (``jax.random.gamma`` / ``beta`` / ``dirichlet``, Figurnov
-  et al. 2018) or location-scale (Gaussian). **Variance**: unbiased, ``~ Var_q[grad_x f * dx/deta]
-  / P``, small for smooth ``f`` but not zero even for conjugate sites (one unit step reaches the
-  exact posterior only in expectation).
+  et al. 2018) or location-scale (Gaussian). Unbiased, the lowest variance for smooth ``f``, but
+  not zero even for conjugate sites (one unit step is exact only in expectation).
+* ``"regression"`` (Salimans & Knowles 2013): ``nat = Cov_P[T]^-1 Cov_P[T, f] - eta``, the
+  score function with the optimal linear control variate; one k x k solve per factor. **Exact**
+  for conjugate sites (``f`` linear in ``T``) with ``P >= k + 1`` distinct draws (conjugate-
+  computation VI: one unit step lands on the exact posterior); elsewhere the part of ``f`` that
+  ``T`` does not explain (other sites, non-conjugate terms) is noise, with O(1/P) bias.
+* ``"score"``: ``nat = F(eta)^-1 g - eta`` with the score-function estimate
+  ``g = mean_k (f_k - b_k)(T_k - m)`` and the leave-one-out baseline ``b_k`` as control variate
+  (``control_variate="loo"``, or ``"none"``): unbiased, needs neither gradients nor a
+  reparameterised sampler, and has the highest variance of the three.
+* ``"auto"`` (default), per factor: ``"regression"`` when the guide has a single factor (e.g. a
+  one-site conjugate model) and ``P >= k + 1``; else ``"pathwise"`` when the family has a
+  (implicitly) reparameterised sampler; else ``"score"``. Every family this guide places on a
+  NumPyro latent site (Gaussian, Gamma, Exponential, Beta, Dirichlet; NumPyro targets have no
+  discrete latent sites) is reparameterised, so today ``"auto"`` picks ``"score"`` only for a
+  family without one; ask for it by name to use it.
 
 **Unconstrained space.** The engine scores ``log p`` on the model's flat unconstrained vector
 ``u``; a factor on ``x = T(u)`` (``T = biject_to(support)``) is mapped to ``u`` with density
@@ -64,13 +68,18 @@ from numpyro.distributions.transforms import (
 )
 
 from ngvi.errors import ConfigError
+from ngvi.expfam_estimators import (
+    CONTROL_VARIATES,
+    regression_natural_params,
+    score_natural_gradient,
+)
 from ngvi.families import Beta, DiagGaussian, Dirichlet, ExpFamily, Exponential, Gamma
 from ngvi.guides import Guide, default_precision_schedule
 from ngvi.target import Site, Target
 
 __all__ = ["ExpFamilyGuide", "SiteFactor", "regression_natural_params"]
 
-_ESTIMATORS = ("auto", "regression", "pathwise")
+_ESTIMATORS = ("auto", "regression", "pathwise", "score")
 _ALIASES = {"gaussian": "gaussian", "normal": "gaussian", "diaggaussian": "gaussian"}
 _ALIASES.update({k: k for k in ("gamma", "beta", "dirichlet", "exponential")})
 # family -> the bijection it needs (None: any; the Gaussian lives on unconstrained coordinates)
@@ -138,18 +147,6 @@ def _make_factor(site: Site, name: str) -> SiteFactor:
     return SiteFactor(site, name, family, tuple(site.shape))
 
 
-def regression_natural_params(stats: jax.Array, f: jax.Array) -> jax.Array:
-    """Least-squares ``beta = Cov[T]^-1 Cov[T, f]`` per factor (Salimans & Knowles 2013).
-
-    ``stats``: ``(P, *batch, k)`` flattened sufficient statistics of P draws; ``f``: ``(P,)``.
-    Exact (zero variance) when ``f`` is linear in ``T`` and the P draws span it."""
-    tc = stats - jnp.mean(stats, axis=0)
-    fc = f - jnp.mean(f)
-    cov = jnp.einsum("p...i,p...j->...ij", tc, tc)
-    cross = jnp.einsum("p...i,p->...i", tc, fc)
-    return jnp.linalg.solve(cov, cross[..., None])[..., 0]
-
-
 def _expected_log_jacobian(factor: SiteFactor, eta: tuple) -> jax.Array:
     """E_q[log |dT/du|] for the factor's bijection (module docstring), summed over the site."""
     if factor.on_unconstrained:
@@ -169,6 +166,15 @@ def _factor_entropy(factor: SiteFactor, eta: tuple) -> jax.Array:
     if factor.on_unconstrained:  # log h = -log(2 pi) / 2 per element
         h = h + 0.5 * math.log(2 * math.pi) * math.prod(factor.batch_shape)
     return h
+
+
+def _check_particles(factor: SiteFactor, num: int, need: int, estimator: str) -> None:
+    if num < need:
+        raise ConfigError(
+            f"the {estimator} estimator needs num_particles >= {need} for site "
+            f"'{factor.site.name}' ({factor.name}, {factor.family.num_params} statistics), got "
+            f"{num}: raise num_particles or use estimator='pathwise'."
+        )
 
 
 def _step_fraction(factor: SiteFactor, eta: tuple, delta: tuple) -> jax.Array:
@@ -194,7 +200,10 @@ class ExpFamilyGuide(Guide):
     :param families: per-site overrides ``{site name: family}``, the family a name
         ('gaussian', 'gamma', 'exponential', 'beta', 'dirichlet') or an ``ngvi.families`` class;
         an unknown site name raises ``ConfigError`` at setup.
-    :param estimator: ``"auto"`` (default), ``"regression"`` or ``"pathwise"``.
+    :param estimator: ``"auto"`` (default), ``"regression"``, ``"pathwise"`` or ``"score"``, or
+        a dict ``{site name: estimator}`` (sites it does not name use ``"auto"``).
+    :param control_variate: the score estimator's baseline, ``"loo"`` (leave-one-out, default)
+        or ``"none"`` (for comparison only: far noisier).
     :param init_scale: the initial factors have mean at the model's initial point and a
         coefficient of variation (Gaussian: sd on the unconstrained scale) of about ``init_scale``.
     """
@@ -204,7 +213,8 @@ class ExpFamilyGuide(Guide):
         model: Callable,
         families: dict | None = None,
         *,
-        estimator: str = "auto",
+        estimator: str | dict = "auto",
+        control_variate: str = "loo",
         init_scale: float = 0.1,
         step_schedule: Callable | None = None,
         init_strategy: Callable | None = None,
@@ -212,12 +222,20 @@ class ExpFamilyGuide(Guide):
         super().__init__(model, init_strategy=init_strategy)
         if families is not None and not isinstance(families, dict):
             raise ConfigError(f"families must be a dict {{site: family}}, got {families!r}.")
-        if estimator not in _ESTIMATORS:
-            raise ConfigError(f"estimator must be one of {_ESTIMATORS}, got {estimator!r}.")
+        per_site = estimator if isinstance(estimator, dict) else {None: estimator}
+        for site, est in per_site.items():
+            if est not in _ESTIMATORS:
+                where = "" if site is None else f" for site {site!r}"
+                raise ConfigError(f"estimator{where} must be one of {_ESTIMATORS}, got {est!r}.")
+        if control_variate not in CONTROL_VARIATES:
+            raise ConfigError(
+                f"control_variate must be one of {CONTROL_VARIATES}, got {control_variate!r}."
+            )
         if not (isinstance(init_scale, (int, float)) and 0 < init_scale < math.inf):
             raise ConfigError(f"init_scale must be a positive finite number, got {init_scale!r}.")
         self.families = {k: _family_name(v) for k, v in (families or {}).items()}
-        self.estimator = estimator
+        self.estimator = dict(estimator) if isinstance(estimator, dict) else estimator
+        self.control_variate = control_variate
         self.init_scale = float(init_scale)
         self.step_schedule = step_schedule or default_precision_schedule
         self.factors: tuple[SiteFactor, ...] = ()
@@ -226,12 +244,13 @@ class ExpFamilyGuide(Guide):
     def setup(self, rng_key: jax.Array, args: tuple = (), kwargs: dict | None = None) -> Target:
         target = super().setup(rng_key, args, kwargs)
         names = [s.name for s in target.sites]
-        unknown = sorted(set(self.families) - set(names))
-        if unknown:
-            raise ConfigError(
-                f"families names site(s) {unknown} that the model does not have; its latent "
-                f"sites are {names}."
-            )
+        for arg, given in (("families", self.families), ("estimator", self.estimator)):
+            unknown = sorted(set(given) - set(names)) if isinstance(given, dict) else []
+            if unknown:
+                raise ConfigError(
+                    f"{arg} names site(s) {unknown} that the model does not have; its latent "
+                    f"sites are {names}."
+                )
         self.factors = tuple(
             _make_factor(s, self.families.get(s.name) or self._default(s)) for s in target.sites
         )
@@ -241,13 +260,25 @@ class ExpFamilyGuide(Guide):
     def _default(site: Site) -> str:
         return _DEFAULT.get(type(_base_transform(site.support)), "gaussian")
 
+    def estimator_for(self, factor: SiteFactor, num_particles: int | None = None) -> str:
+        """The estimator a factor uses (module docstring): ``"auto"`` is regression for a single
+        factor with ``num_particles >= k + 1`` (None: assume enough), else pathwise for a
+        reparameterised family, else score."""
+        est = self.estimator
+        est = est.get(factor.site.name, "auto") if isinstance(est, dict) else est
+        if est != "auto":
+            return est
+        single = sum(math.prod(f.batch_shape) for f in self.factors) == 1
+        enough = num_particles is None or num_particles >= factor.family.num_params + 1
+        if single and enough:
+            return "regression"
+        return "pathwise" if factor.family.reparameterized else "score"
+
     @property
     def resolved_estimator(self) -> str:
-        """The estimator in use: ``"auto"`` is regression for a single factor, else pathwise."""
-        if self.estimator != "auto":
-            return self.estimator
-        single = sum(math.prod(f.batch_shape) for f in self.factors) == 1
-        return "regression" if single else "pathwise"
+        """The estimator every factor uses given enough particles, or ``"mixed"``."""
+        used = {self.estimator_for(f) for f in self.factors}
+        return used.pop() if len(used) == 1 else "mixed"
 
     @property
     def crn_descent(self) -> bool:
@@ -350,15 +381,7 @@ class ExpFamilyGuide(Guide):
     # -- the natural step -----------------------------------------------------------------------
     def natural_step(self, params: dict, grad: dict, lr, damping, step, ctx=None) -> dict:
         """eta' = eta + rho * nat per factor, cut to stay in the domain (module docstring)."""
-        if self.resolved_estimator == "regression":
-            if ctx is None:
-                raise ConfigError("the regression estimator needs the step context (ctx).")
-            nats = self._regression_nat(params, ctx)
-        else:
-            nats = [
-                tuple(-n for n in f.family.fisher_inverse(eta, tuple(grad[k] for k in f.keys())))
-                for f, eta in zip(self.factors, self._etas(params))
-            ]
+        nats = self._natural_gradients(params, grad, ctx)
         rho = lr / (1.0 + damping) * self.step_schedule(step)
         new = {}
         for f, eta, nat in zip(self.factors, self._etas(params), nats, strict=True):
@@ -368,27 +391,41 @@ class ExpFamilyGuide(Guide):
                 new[key] = v + t.reshape(t.shape + (1,) * len(shape)) * d
         return new
 
-    def _regression_nat(self, params: dict, ctx) -> list[tuple]:
-        """nat = beta - eta, beta the regression of f = log p_x on T per factor."""
-        num = ctx.eps.shape[0]
+    def _natural_gradients(self, params: dict, grad: dict, ctx) -> list[tuple]:
+        """nat per factor with its estimator; the sampled ones share one set of P draws."""
+        num = None if ctx is None else ctx.eps.shape[0]
+        used = [self.estimator_for(f, num) for f in self.factors]
+        sampled = None
+        if any(u != "pathwise" for u in used):
+            if ctx is None:
+                raise ConfigError(f"the {used} estimators need the step context (ctx).")
+            sampled = self._draws_and_log_density(params, ctx)
+        nats = []
+        for f, eta, est in zip(self.factors, self._etas(params), used, strict=True):
+            if est == "pathwise":
+                g = tuple(grad[k] for k in f.keys())
+                nats.append(tuple(-n for n in f.family.fisher_inverse(eta, g)))
+                continue
+            xs, logp = sampled
+            stats = f.family.flatten(f.family.sufficient_stats(xs[f.site.name]))
+            if est == "score":
+                _check_particles(f, num, 2, est)
+                nats.append(
+                    score_natural_gradient(f.family, eta, stats, logp, self.control_variate)
+                )
+            else:
+                _check_particles(f, num, f.family.num_params + 1, est)
+                beta = f.family.unflatten(regression_natural_params(stats, logp))
+                nats.append(tuple(b - e for b, e in zip(beta, eta)))
+        return nats
+
+    def _draws_and_log_density(self, params: dict, ctx) -> tuple[dict, jax.Array]:
+        """P draws per factor (factor space) and f = log p_x = log p(u) - log|dT/du| (P,)."""
         args, kwargs = ctx.data
         xs = jax.vmap(lambda k: self._draw_one(params, k))(ctx.eps)
         z = self._to_flat(xs)
         logp = jax.vmap(lambda zi: self.target.log_density(zi, args, kwargs, ctx.model_key))(z)
-        f = logp - self._log_jacobian(xs)
-        nats = []
-        for fac, eta in zip(self.factors, self._etas(params)):
-            k = fac.family.num_params
-            if num < k + 1:
-                raise ConfigError(
-                    f"the regression estimator needs num_particles >= {k + 1} for site "
-                    f"'{fac.site.name}' ({fac.name}, {k} statistics), got {num}: raise "
-                    "num_particles or use estimator='pathwise'."
-                )
-            stats = fac.family.flatten(fac.family.sufficient_stats(xs[fac.site.name]))
-            beta = fac.family.unflatten(regression_natural_params(stats, f))
-            nats.append(tuple(b - e for b, e in zip(beta, eta)))
-        return nats
+        return xs, logp - self._log_jacobian(xs)
 
     # -- NumPyro protocol and posterior samples ---------------------------------------------------
     def _site_distribution(self, f: SiteFactor, eta: tuple) -> dist.Distribution:

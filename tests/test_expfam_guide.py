@@ -22,6 +22,8 @@ from ngvi.baselines import advi  # noqa: E402
 from ngvi.expfam_guide import ExpFamilyGuide  # noqa: E402
 from ngvi.infer import StepContext  # noqa: E402
 
+pytestmark = pytest.mark.x64  # float64 in this module only (tests/conftest.py)
+
 KEY = jax.random.PRNGKey(0)
 CONJUGATE = {  # model: (site, exact posterior keys in the family's ``standard`` order)
     "beta_bernoulli": ("p", ("concentration1", "concentration0")),
@@ -187,3 +189,60 @@ def test_mixed_model_run_sample_posterior_and_predictive():
     params = guide.numpyro_params(result.params)
     pred = Predictive(model, guide=guide, params=params, num_samples=30)(KEY, *args)
     assert pred["y"].shape == (30, 8) and bool(jnp.all(jnp.isfinite(pred["y"])))
+
+
+def test_score_estimator_is_unbiased_and_its_control_variate_cuts_the_variance():
+    """On the conjugate Normal-Normal site (a Gaussian factor, cheap draws) the exact natural
+    gradient is eta_post - eta. The score-function estimate (8 draws, closed-form F^-1) averaged
+    over 2000 seeds equals it within 5 standard errors, with the leave-one-out baseline and
+    without; the baseline cuts the variance of every component more than 20-fold."""
+    from ngvi.expfam_estimators import score_natural_gradient
+
+    model, args, kwargs = models.load("normal_normal")
+    guide = ExpFamilyGuide(model, estimator="score")
+    guide.setup(KEY, args, kwargs)
+    assert guide.resolved_estimator == "score"
+    params = guide.init_params(guide.target)
+    (factor,) = guide.factors
+    (eta,) = guide._etas(params)
+
+    def both(key):
+        ctx = StepContext(guide.base_noise(key, 8), (args, kwargs), None, None)
+        nat = guide._natural_gradients(params, None, ctx)[0]  # the guide's path: loo baseline
+        xs, logp = guide._draws_and_log_density(params, ctx)
+        stats = factor.family.flatten(factor.family.sufficient_stats(xs["mu"]))
+        plain = score_natural_gradient(factor.family, eta, stats, logp, "none")
+        return jnp.stack(nat), jnp.stack(plain)
+
+    loo, plain = jax.jit(jax.vmap(both))(jax.random.split(KEY, 2000))
+    post = models.load_module("normal_normal").exact_posterior(*args, **kwargs)["mu"]
+    exact = jnp.stack(fam.DiagGaussian.from_standard(post["loc"], post["scale"])) - jnp.stack(eta)
+    for draws in (loo, plain):
+        se = jnp.std(draws, 0) / jnp.sqrt(draws.shape[0])
+        assert bool(jnp.all(jnp.abs(jnp.mean(draws, 0) - exact) < 5 * se)), (draws.mean(0), exact)
+    ratio = jnp.var(plain, 0) / jnp.var(loo, 0)
+    print(f"\nscore estimator variance without / with the baseline: {ratio}")
+    assert bool(jnp.all(ratio > 20))
+
+
+def test_estimator_per_site_and_auto_fallbacks():
+    """A dict picks the estimator per site (others 'auto' -> pathwise with several factors);
+    'auto' on a single factor is regression only with >= k + 1 particles, else pathwise; bad
+    names and unknown sites raise."""
+    guide = _setup(estimator={"s": "score", "p": "regression"})
+    used = {f.site.name: guide.estimator_for(f, 8) for f in guide.factors}
+    assert used == {"m": "pathwise", "s": "score", "p": "regression", "w": "pathwise",
+                    "v": "pathwise"}  # fmt: skip
+    assert guide.resolved_estimator == "mixed"
+    model, args, kwargs = models.load("gamma_poisson")
+    single = ExpFamilyGuide(model)
+    single.setup(KEY, args, kwargs)
+    (factor,) = single.factors
+    assert single.estimator_for(factor, 3) == "regression"
+    assert single.estimator_for(factor, 2) == "pathwise"
+    with pytest.raises(ConfigError, match="estimator for site 's' must be one of"):
+        ExpFamilyGuide(every_support, estimator={"s": "reinforce"})
+    with pytest.raises(ConfigError, match="estimator names site"):
+        _setup(estimator={"sigma": "score"})
+    with pytest.raises(ConfigError, match="control_variate"):
+        ExpFamilyGuide(every_support, control_variate="optimal")
