@@ -33,6 +33,7 @@ BUNDLED: dict[str, str] = {
         "hierarchical_linear",
         "beta_bernoulli",
         "normal_normal",
+        "normal_gamma",
         "gamma_poisson",
         "dirichlet_categorical",
         "gaussian_mixture",

@@ -32,6 +32,7 @@ EXPECTED_LATENT = {
     },
     "beta_bernoulli": {"p": ()},
     "normal_normal": {"mu": ()},
+    "normal_gamma": {"mu": (), "tau": ()},
     "gamma_poisson": {"lam": ()},
     "dirichlet_categorical": {"pi": (4,)},
     "gaussian_mixture": {"weights": (3,), "locs": (3, 2), "scales": (3, 2)},

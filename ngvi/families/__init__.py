@@ -7,6 +7,7 @@ layout, Bregman KL, natural gradient = gradient in mean parameters).
 from .base import ExpFamily, Params, cg_solve, solve_sym_2x2
 from .discrete import Bernoulli, Categorical, Poisson
 from .gaussian import DiagGaussian, FullRankGaussian
+from .normal_gamma import NormalGamma, NormalGammaDistribution
 from .oracles import (
     fisher_autodiff,
     fisher_monte_carlo,
@@ -34,6 +35,8 @@ __all__ = [
     "Exponential",
     "Beta",
     "Dirichlet",
+    "NormalGamma",
+    "NormalGammaDistribution",
     "fisher_autodiff",
     "fisher_monte_carlo",
     "kl_monte_carlo",
