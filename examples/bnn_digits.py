@@ -13,8 +13,7 @@ import argparse
 import jax
 
 import models
-import ngvi
-from ngvi.kfac import KFACGuide, fit_bnn
+from ngvi.kfac import KFACGuide, bnn_engine, fit_bnn
 
 
 def main() -> None:
@@ -28,7 +27,7 @@ def main() -> None:
     (X,), kw = mod.data()
     (Xt,), kt = mod.test_data()
     guide = KFACGuide(mod.model, structure=a.structure, fisher=a.fisher)
-    engine = ngvi.NGVI(mod.model, guide, lr=0.1, num_particles=2)
+    engine = bnn_engine(guide)  # NGVI with lr=0.1 and one weight sample per step
     result = fit_bnn(
         engine, X, kw["y"], epochs=a.epochs, batch_size=a.batch_size, eval_data=(Xt, kt["y"])
     )

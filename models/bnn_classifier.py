@@ -1,7 +1,10 @@
 r"""Bayesian neural network classifier on scikit-learn's handwritten digits (bundled, no download).
 
-1797 8x8 images, 64 pixel features standardized with the *training* mean and standard deviation
-(constant pixels keep scale 1), 10 classes; a stratified 80/20 train/test split fixed by seed 0
+1797 8x8 images, 64 pixel features centred with the *training* per-pixel mean and divided by the
+training pixels' overall standard deviation (one scale for every pixel: per-pixel scaling turned
+a stroke in a pixel that is almost always blank in training into a 50-sigma test input, on which
+weights the data never informed -- rightly near their prior under a Bayesian posterior -- gave
+arbitrary confident predictions), 10 classes; a stratified 80/20 train/test split fixed by seed 0
 (1437 train, 360 test). One hidden layer (64-32-10, ReLU) built with ``ngvi.nn.dense``:
 
 .. math::
@@ -50,8 +53,8 @@ def _load() -> tuple[np.ndarray, ...]:
 
     X, y = load_digits(return_X_y=True)
     Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.2, random_state=0, stratify=y)
-    mu, sd = Xtr.mean(axis=0), Xtr.std(axis=0)
-    sd = np.where(sd > 0, sd, 1.0)
+    mu = Xtr.mean(axis=0)
+    sd = (Xtr - mu).std()
     f = lambda a: ((a - mu) / sd).astype(np.float32)
     return f(Xtr), ytr.astype(np.int32), f(Xte), yte.astype(np.int32)
 

@@ -10,22 +10,28 @@ bias, ``out`` columns) gets a matrix-variate Gaussian
 the Kronecker-factored inverse of the damped per-example Fisher ``F + gamma I ~ A (x) G``
 (``A = E[a a^T]`` over layer inputs with a column of ones for the bias, ``G = E[g g^T]`` over
 gradients of the log-likelihood with respect to the pre-activations), scaled by the data size
-``N``; the intrinsic damping ``gamma = 1 / (N prior_var)`` is the prior precision per datum and
-the pi-correction ``pi = sqrt((tr A / n_in) / (tr G / out))`` splits it between the factors
-(Martens & Grosse 2015, sec. 6.3). With row-major vectorisation (NumPy's, and the flat latent
-vector's) ``kron(A, G)^-1 vec(V) = vec(A^-1 V G^-1)``, so the natural step on the mean is
+``N``: the posterior precision ``N F + prior_precision``. The intrinsic damping
+``gamma = prior_precision / N`` is the prior precision per datum and the pi-correction
+``pi = sqrt((tr A / n_in) / (tr G / out))`` splits it between the factors (Martens & Grosse 2015,
+sec. 6.3). The mean takes the natural step with that same covariance as preconditioner (with
+row-major vectorisation ``kron(A, G)^-1 vec(V) = vec(A^-1 V G^-1)``),
 
-    M' = M - lr / N * (A + pi c I)^-1 dL/dM (G + c/pi I)^-1,   c = sqrt(gamma + damping),
+    M' = M - lr / (N (1 + damping)) * (A + pi c I)^-1 dL/dM (G + c/pi I)^-1,  c = sqrt(gamma),
 
-with ``damping`` the engine's Levenberg-Marquardt (Tikhonov, per datum) damping. Inversion is by
-Cholesky: every ``inverse_every`` steps (or when the damping changed) the damped factors are
-refactorized; between refreshes the step reuses the stale factors (Martens & Grosse 2015, sec. 8).
-The covariance is stored as triangular square roots ``S_A = L_A^-T``, ``S_G = L_G^-T`` of the
-two factors (``L`` the Cholesky factors of the precisions), ``W = M + S_A E S_G^T``: sampling is
-two matmuls, the entropy is ``O(n + m)``, and every leaf stays valid under the engine's iterate
-averaging (a convex combination of upper-triangular factors with positive diagonal is one).
-``A`` and ``G`` are running averages over minibatches (decay ``stat_decay``) and live in
-``params`` behind ``stop_gradient``; the weight noise is resampled every step (per minibatch).
+where ``damping`` is the engine's Levenberg-Marquardt damping, Marquardt-scaled as in
+``MeanFieldGaussian`` (``(F + damping F)^-1``: Tikhonov damping in the whitened coordinates of
+the current curvature). Because the damping only scales the step, the damped factors need no
+refactorization when it changes: they are inverted every ``inverse_every`` steps by a
+warm-started Newton-Schulz iteration (``ngvi.curvature.spd_inverse``; matmuls only) and reused
+in between (Martens & Grosse 2015, sec. 8). The running factors ``A``, ``G`` (decay
+``stat_decay``) are updated every ``stats_every`` steps; each update costs one forward and one
+backward pass of the model on the minibatch for the sampled targets. The covariance is stored as
+lower-triangular roots ``S_A = chol(Sigma_in)``, ``S_G = chol(Sigma_out)``, ``W = M + S_A E
+S_G^T``: sampling is two matmuls, the entropy ``O(n + m)``, and every leaf stays valid under the
+engine's iterate averaging (a convex combination of lower-triangular factors with positive
+diagonal is one). At a refresh the roots move a fraction ``1 / (1 + damping)`` toward their new
+value (a rejected step, which raises the damping, shrinks the move). All carried statistics live
+in ``params`` behind ``stop_gradient``; the weight noise is resampled every step (per minibatch).
 
 **True vs empirical Fisher.** ``fisher="true"`` (default) takes ``g`` with targets drawn from
 the model's own predictive ``y~ ~ p(y | x, W)``: ``E[g g^T]`` is then the Fisher information, a
@@ -38,39 +44,48 @@ fit), so it mis-scales the step and the posterior covariance (Kunstner et al. 20
 ``structure="diagonal"`` (``DiagonalFisherGuide``) keeps one Fisher entry per weight,
 ``F_ij = E[a_i^2 g_j^2]`` (the per-example squared gradients of VOGN), and a diagonal Gaussian
 ``sigma_ij^2 = 1 / (N F_ij + prior_precision)``. Latent sites outside any layer (a noise scale)
-get a mean-field Gaussian with ``MeanFieldGaussian``'s natural step.
+get a mean-field Gaussian with ``MeanFieldGaussian``'s natural step. Curvature estimation lives
+in ``ngvi.curvature``, minibatch training in ``ngvi.bnn``.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 from jax import lax
-from jax.flatten_util import ravel_pytree
-from numpyro.distributions.transforms import biject_to
-from numpyro.handlers import seed, substitute, trace
-from numpyro.infer.initialization import init_to_median
 
-from ngvi.errors import ConfigError, ModelError
+from ngvi.bnn import FitResult, bnn_engine, fit_bnn, minibatches
+from ngvi.curvature import (
+    damped_factors,
+    kfac_precondition,
+    layer_fisher_stats,
+    layer_gradients,
+    matrix_normal_kl,
+    spd_inverse,
+    tri_logdet,
+)
+from ngvi.errors import ConfigError
 from ngvi.guides import Guide, MeanFieldGaussian
-from ngvi.nn import LayerTap, ObservationResampler, evaluate_bnn, layer_markers
-from ngvi.target import Site, Target
+from ngvi.nn import Layer, fast_target, find_layers
+from ngvi.target import Target
 
 __all__ = [
     "DiagonalFisherGuide",
-    "fast_target",
     "FitResult",
     "KFACGuide",
     "Layer",
+    "bnn_engine",
+    "damped_factors",
+    "fast_target",
     "fit_bnn",
+    "kfac_precondition",
     "layer_fisher_stats",
     "minibatches",
 ]
@@ -79,126 +94,17 @@ _LOG_2PIE = math.log(2 * math.pi * math.e)
 sg = lax.stop_gradient
 
 
-class Layer(NamedTuple):
-    """A ``dense`` layer as the guide sees it: its sites and augmented weight-matrix shape."""
-
-    name: str
-    w: Site  # weight site (in, out)
-    b: Site | None  # bias site (out,) or None
-    n_in: int  # rows of the augmented matrix: in (+1 with a bias)
-    n_out: int
-    prior_prec: float  # mean prior precision of the weights
-
-
-def find_layers(model, args, kwargs, target: Target, rng_key) -> tuple[tuple[Layer, ...], int]:
-    """The model's ``dense`` layers (from their marker messages) and the data size ``N`` (the
-    number of observations times the likelihood's scale: N / B * B for a minibatch)."""
-    tr = trace(seed(model, rng_key)).get_trace(*args, **kwargs)
-    sites = {s.name: s for s in target.sites}
-    layers = []
-    for name, msg in layer_markers(tr).items():
-        w = sites.get(f"{name}_w")
-        b = sites.get(f"{name}_b") if msg["bias"] else None
-        if w is None or len(w.shape) != 2 or w.shape != w.unconstrained_shape:
-            raise ModelError(f"layer '{name}' has no real (in, out) latent site '{name}_w'.")
-        prec = float(jnp.mean(1.0 / tr[w.name]["fn"].variance))
-        layers.append(Layer(name, w, b, w.shape[0] + (b is not None), w.shape[1], prec))
-    if not layers:
-        raise ModelError("the model declares no ngvi.nn.dense layer: KFACGuide needs at least one.")
-    obs = [s for s in tr.values() if s["type"] == "sample" and s["is_observed"]]
-    sizes = [math.prod(s["fn"].batch_shape) * float(s["scale"] or 1.0) for s in obs]
-    return tuple(layers), round(max(sizes, default=1))
-
-
-def fast_target(model, args: tuple, kwargs: dict, rng_key) -> Target:
-    """A ``Target`` from one jitted trace at the prior median (``init_to_median``), without
-    ``make_target``'s data and initialization checks (same layout and signature)."""
-    info: dict = {}
-
-    def latent_unc():
-        init = init_to_median(num_samples=15)
-        tr = trace(substitute(seed(model, rng_key), substitute_fn=init)).get_trace(*args, **kwargs)
-        latent = [
-            s
-            for s in tr.values()
-            if s["type"] == "sample"
-            and not s["is_observed"]
-            and not s.get("infer", {}).get("is_auxiliary", False)
-        ]
-        info["support"] = {s["name"]: s["fn"].support for s in latent}
-        info["shape"] = {s["name"]: tuple(jnp.shape(s["value"])) for s in latent}
-        plates = [s["args"] for s in tr.values() if s["type"] == "plate"]
-        info["sub"] = any(a[1] is not None and a[1] != a[0] for a in plates)
-        return {s["name"]: biject_to(s["fn"].support).inv(s["value"]) for s in latent}
-
-    unc = jax.jit(latent_unc)()
-    z0, unravel = ravel_pytree(unc)
-    sites, offset = [], 0
-    for name in sorted(unc):
-        size = int(np.size(unc[name]))
-        shape = info["shape"][name]
-        sites.append(Site(name, shape, tuple(unc[name].shape), info["support"][name], offset, size))
-        offset += size
-    signature = ";".join(f"{s.name}{s.shape}{s.support}" for s in sites)
-    return Target(model, tuple(sites), int(z0.size), z0, unravel, info["sub"], signature)
-
-
-def layer_fisher_stats(inputs: jax.Array, grads: jax.Array, bias: bool, diagonal: bool = False):
-    """Minibatch Kronecker factors ``A = a^T a / B`` (a with a ones column for the bias) and
-    ``G = g^T g / B``; or with ``diagonal`` the per-weight Fisher ``(a^2)^T (g^2) / B``."""
-    a = inputs.reshape(-1, inputs.shape[-1])
-    g = grads.reshape(-1, grads.shape[-1])
-    if bias:
-        a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
-    n = a.shape[0]
-    if diagonal:
-        return (a**2).T @ (g**2) / n
-    return a.T @ a / n, g.T @ g / n
-
-
-def _pi(dA: jax.Array, dG: jax.Array) -> jax.Array:
-    """pi-correction sqrt((tr A / n) / (tr G / m)) (Martens & Grosse 2015, eq. 14)."""
-    tiny = jnp.finfo(dA.dtype).tiny ** 0.5
-    return jnp.sqrt((jnp.mean(dA) + tiny) / (jnp.mean(dG) + tiny))
-
-
-def damped_factors(A: jax.Array, G: jax.Array, gamma) -> tuple[jax.Array, jax.Array]:
-    """``A + pi sqrt(gamma) I`` and ``G + sqrt(gamma)/pi I``, the pi-corrected split of
-    ``A (x) G + gamma I`` (Martens & Grosse 2015, sec. 6.3)."""
-    pi, c = _pi(jnp.diag(A), jnp.diag(G)), jnp.sqrt(gamma)
-    eye = lambda n: jnp.eye(n, dtype=A.dtype)
-    return A + pi * c * eye(A.shape[0]), G + c / pi * eye(G.shape[0])
-
-
-def _sym_inv(S: jax.Array) -> jax.Array:
-    """Inverse of a symmetric positive-definite matrix, symmetrized (LU: XLA's CPU triangular
-    solves are far slower than its LAPACK inverse)."""
-    inv = jnp.linalg.inv(S)
-    return 0.5 * (inv + inv.T)
-
-
-def kfac_precondition(V: jax.Array, iA: jax.Array, iG: jax.Array) -> jax.Array:
-    """``A^-1 V G^-1`` given the inverses: ``= kron(A, G)^-1 vec(V)`` (row-major vec)."""
-    return iA @ V @ iG
-
-
-def _tri_logdet(L: jax.Array) -> jax.Array:
-    return jnp.sum(jnp.log(jnp.diag(L)))
-
-
-def _cov_root(L: jax.Array) -> jax.Array:
-    """``S = L^-T`` for a precision Cholesky factor L: ``S S^T = (L L^T)^-1``."""
-    return jnp.linalg.inv(L).T
-
-
 class KFACGuide(Guide):
     """Per-layer matrix-variate Gaussian with Kronecker-factored natural steps (module docs).
 
     :param structure: ``"kfac"`` (default) or ``"diagonal"`` (one Fisher entry per weight).
     :param fisher: ``"true"`` (targets from the model's predictive, default) or ``"empirical"``.
-    :param inverse_every: steps between Cholesky refactorizations of the damped ``A``, ``G``.
-    :param stat_decay: weight of a new minibatch in the running ``A``, ``G`` (the first steps
-        average uniformly: ``beta_t = max(1 / (t + 1), stat_decay)``).
+    :param inverse_every: steps between inversions of the damped ``A``, ``G`` (and covariance
+        refreshes); a rejected refresh is retried on the next step.
+    :param stats_every: steps between updates of the running ``A``, ``G`` (each one a forward and
+        a backward pass of the model for the sampled targets).
+    :param stat_decay: weight of a new minibatch in the running ``A``, ``G`` (the first updates
+        average uniformly: ``beta_k = max(1 / (k + 1), stat_decay)``).
     :param num_data: ``N``; default the observations' count times their scale (N/B * B).
     :param init_scale: initial weight standard deviation (before the first curvature estimate).
     :param init_seed: seed of the fan-in scaled initial means ``N(0, 1 / in)`` (biases 0).
@@ -214,6 +120,7 @@ class KFACGuide(Guide):
         structure: str = "kfac",
         fisher: str = "true",
         inverse_every: int = 10,
+        stats_every: int = 1,
         stat_decay: float = 0.05,
         num_data: int | None = None,
         init_scale: float = 0.01,
@@ -227,12 +134,16 @@ class KFACGuide(Guide):
             raise ConfigError(f"structure must be 'kfac' or 'diagonal', got {structure!r}.")
         if fisher not in ("true", "empirical"):
             raise ConfigError(f"fisher must be 'true' or 'empirical', got {fisher!r}.")
-        if not (isinstance(inverse_every, int) and inverse_every >= 1):
-            raise ConfigError(f"inverse_every must be an integer >= 1, got {inverse_every!r}.")
-        if not 0 < stat_decay <= 1:
+        for name, v in (("inverse_every", inverse_every), ("stats_every", stats_every)):
+            if not (isinstance(v, int) and v >= 1):
+                raise ConfigError(f"{name} must be an integer >= 1, got {v!r}.")
+        if not (isinstance(stat_decay, (int, float)) and 0 < stat_decay <= 1):
             raise ConfigError(f"stat_decay must be in (0, 1], got {stat_decay!r}.")
+        if num_data is not None and not (isinstance(num_data, int) and num_data >= 1):
+            raise ConfigError(f"num_data must be None or an integer >= 1, got {num_data!r}.")
         self.structure, self.fisher = structure, fisher
-        self.inverse_every, self.stat_decay = inverse_every, float(stat_decay)
+        self.inverse_every, self.stats_every = inverse_every, stats_every
+        self.stat_decay = float(stat_decay)
         self._num_data, self.init_scale, self.init_seed = num_data, float(init_scale), init_seed
         self._mf = MeanFieldGaussian(model, init_scale=init_scale)
 
@@ -257,7 +168,10 @@ class KFACGuide(Guide):
 
     def init_params(self, target: Target) -> dict:
         key = jax.random.PRNGKey(self.init_seed)
-        p: dict = {"inv_step": jnp.asarray(-1e9), "inv_damping": jnp.asarray(-1.0)}
+        # step of the last inversion / statistics update and the number of updates (rolled back
+        # with a rejected step, so a rejected refresh is retried)
+        p: dict = {"inv_step": jnp.asarray(-1e9), "stat_step": jnp.asarray(-1e9)}
+        p["stat_count"] = jnp.asarray(0.0)
         for i, L in enumerate(self.layers):
             n_w = L.w.shape[0]
             M = jax.random.normal(jax.random.fold_in(key, i), (n_w, L.n_out)) / math.sqrt(n_w)
@@ -331,8 +245,8 @@ class KFACGuide(Guide):
             if self.diagonal:
                 h = h + jnp.sum(jnp.log(sg(params[f"{L.name}:std"])))
             else:
-                h = h + L.n_out * _tri_logdet(sg(params[f"{L.name}:SA"]))
-                h = h + L.n_in * _tri_logdet(sg(params[f"{L.name}:SG"]))
+                h = h + L.n_out * tri_logdet(sg(params[f"{L.name}:SA"]))
+                h = h + L.n_in * tri_logdet(sg(params[f"{L.name}:SG"]))
         if self._mf_idx.size:
             h = h + jnp.sum(jnp.log(params["mf:scale"])) + 0.5 * self._mf_idx.size * _LOG_2PIE
         return h
@@ -343,49 +257,55 @@ class KFACGuide(Guide):
     # -- curvature ----------------------------------------------------------------------------
     def batch_grads(self, params: dict, ctx, step) -> tuple[dict, dict]:
         """Layer inputs and per-example log-likelihood gradients w.r.t. pre-activations for one
-        weight sample (``ctx.eps[0]``) on the step's minibatch (``ctx.model_key`` reproduces the
-        engine's subsample). True Fisher: the targets are resampled from the model."""
-        args, kwargs = ctx.data
-        key = jax.random.fold_in(jax.random.PRNGKey(self.init_seed + 1), step)
+        weight sample (``ctx.eps[0]``, the engine's first particle) on the step's minibatch
+        (``ctx.model_key`` reproduces the engine's subsample); ``ngvi.curvature``'s
+        ``layer_gradients``, with the targets resampled from the model for the true Fisher."""
+        key = ctx.rng_key
+        if key is None:
+            key = jax.random.fold_in(jax.random.PRNGKey(self.init_seed + 1), step)
         mkey = key if ctx.model_key is None else ctx.model_key
         values = self.constrain(sg(self._reparam_one(params, ctx.eps[0]))[None])
         values = {k: v[0] for k, v in values.items()}
+        fkey = jax.random.fold_in(key, 1) if self.fisher == "true" else None
+        names = tuple(L.name for L in self.layers)
+        return layer_gradients(self.model, values, ctx.data, mkey, names, fkey)
 
-        def loglik(delta):
-            m = substitute(seed(self.model, mkey), data=values)
-            if self.fisher == "true":
-                m = ObservationResampler(m, rng_key=jax.random.fold_in(key, 1))
-            tap = LayerTap(m, delta=delta)
-            tr = trace(tap).get_trace(*args, **kwargs)
-            obs = [s for s in tr.values() if s["type"] == "sample" and s["is_observed"]]
-            ll = sum(jnp.sum(s["fn"].log_prob(s["value"])) for s in obs)
-            return ll, (tap.inputs, tap.shapes)
-
-        _, (_, shapes) = loglik({})
-        delta0 = {L.name: jnp.zeros(shapes[L.name]) for L in self.layers}
-        grads, (inputs, _) = jax.grad(loglik, has_aux=True)(delta0)
-        return inputs, grads
+    def _update_stats(self, params: dict, ctx, step) -> dict:
+        """Fold this minibatch's Fisher statistics into the running ``A``, ``G`` (or ``F``)."""
+        inputs, grads = self.batch_grads(params, ctx, step)
+        beta = jnp.maximum(1.0 / (params["stat_count"] + 1.0), self.stat_decay)
+        new = {"stat_step": step.astype(params["stat_step"].dtype)}
+        new["stat_count"] = params["stat_count"] + 1.0
+        for L in self.layers:
+            stats = layer_fisher_stats(
+                inputs[L.name], grads[L.name], L.b is not None, self.diagonal
+            )
+            keys = ("F",) if self.diagonal else ("A", "G")
+            stats = (stats,) if self.diagonal else stats
+            for k, s in zip(keys, stats):
+                new[f"{L.name}:{k}"] = (1 - beta) * params[f"{L.name}:{k}"] + beta * s
+        return new
 
     def natural_step(self, params: dict, grad: dict, lr, damping, step, ctx=None) -> dict:
-        """Update the running curvature; every ``inverse_every`` steps (or after a damping change)
-        refactorize the damped factors and move the covariance a fraction ``1 / (1 + damping)``
-        toward its K-FAC value; take the damped Kronecker-factored step on the means."""
+        """Every ``stats_every`` steps update the running curvature; every ``inverse_every``
+        steps invert the damped factors and move the covariance a fraction ``1 / (1 + damping)``
+        toward its K-FAC value; take the Marquardt-damped Kronecker-factored step on the means."""
         if ctx is None:
             raise ConfigError("KFACGuide.natural_step needs the engine's StepContext (ctx).")
-        inputs, grads = self.batch_grads(params, ctx, step)
-        beta = jnp.maximum(1.0 / (step + 1.0), self.stat_decay)
-        redo = ((step - params["inv_step"]) >= self.inverse_every) | (
-            damping != params["inv_damping"]
-        )
+        step = jnp.asarray(step)
         new = dict(params)
-        dt = params["inv_step"].dtype
-        new["inv_step"] = jnp.where(redo, step, params["inv_step"]).astype(dt)
-        new["inv_damping"] = jnp.where(redo, damping, params["inv_damping"]).astype(dt)
+        do_stats = (step - params["stat_step"]) >= self.stats_every
+        keys = ["stat_step", "stat_count"] + [
+            f"{L.name}:{k}" for L in self.layers for k in (("F",) if self.diagonal else "AG")
+        ]
+        old = {k: params[k] for k in keys}
+        new.update(lax.cond(do_stats, lambda: self._update_stats(params, ctx, step), lambda: old))
+        redo = (step - params["inv_step"]) >= self.inverse_every
+        new["inv_step"] = jnp.where(redo, step, params["inv_step"]).astype(params["inv_step"].dtype)
+        t = 1.0 / (1.0 + damping)  # trust region on the covariance too: a rejected step shrinks it
         for L in self.layers:
-            bias = L.b is not None
-            stats = layer_fisher_stats(inputs[L.name], grads[L.name], bias, self.diagonal)
             step_fn = self._diag_step if self.diagonal else self._kfac_step
-            new.update(step_fn(L, params, grad[f"{L.name}:M"], stats, beta, lr, damping, redo))
+            new.update(step_fn(L, new, grad[f"{L.name}:M"], lr, t, redo))
         if self._mf_idx.size:
             mf = {"loc": params["mf:loc"], "scale": params["mf:scale"]}
             g = {"loc": grad["mf:loc"], "scale": grad["mf:scale"]}
@@ -393,35 +313,35 @@ class KFACGuide(Guide):
             new["mf:loc"], new["mf:scale"] = out["loc"], out["scale"]
         return new
 
-    def _kfac_step(self, L, params, gM, stats, beta, lr, damping, redo) -> dict:
-        p = {k: params[f"{L.name}:{k}"] for k in ("M", "A", "G", "iA", "iG", "SA", "SG")}
-        A = (1 - beta) * p["A"] + beta * stats[0]
-        G = (1 - beta) * p["G"] + beta * stats[1]
-        N, gamma = self.num_data, L.prior_prec / self.num_data
-        t = 1.0 / (1.0 + damping)  # trust region on the covariance too: a rejected step shrinks it
-
-        def refresh(_):
-            iA, iG = map(_sym_inv, damped_factors(A, G, gamma + damping))
-            # covariance (N (A + pi c I))^-1 (x) (G + c/pi I)^-1 with intrinsic damping only
-            PA, PG = damped_factors(A, G, gamma)
-            SA = _cov_root(jnp.linalg.cholesky(N * PA))
-            SG = _cov_root(jnp.linalg.cholesky(PG))
-            return iA, iG, p["SA"] + t * (SA - p["SA"]), p["SG"] + t * (SG - p["SG"])
-
-        keep = lambda _: (p["iA"], p["iG"], p["SA"], p["SG"])
-        iA, iG, SA, SG = lax.cond(redo, refresh, keep, None)
-        M = p["M"] - lr / N * kfac_precondition(gM, iA, iG)
-        out = {"M": M, "A": A, "G": G, "iA": iA, "iG": iG, "SA": SA, "SG": SG}
-        return {f"{L.name}:{k}": v for k, v in out.items()}
-
-    def _diag_step(self, L, params, gM, F_batch, beta, lr, damping, redo) -> dict:
+    def _kfac_step(self, L, p, gM, lr, t, redo) -> dict:
+        """``p`` holds this step's running factors; refresh the inverses and roots if ``redo``."""
         n = L.name
-        F = (1 - beta) * params[f"{n}:F"] + beta * F_batch
-        prec = self.num_data * F + L.prior_prec  # posterior precision per weight
-        t = 1.0 / (1.0 + damping)
-        std = params[f"{n}:std"] + t * (prec**-0.5 - params[f"{n}:std"])
-        M = params[f"{n}:M"] - lr * gM / (prec + self.num_data * damping)
-        return {f"{n}:M": M, f"{n}:F": F, f"{n}:std": std}
+        N, gamma = self.num_data, L.prior_prec / self.num_data
+
+        def refresh():
+            PA, PG = damped_factors(p[f"{n}:A"], p[f"{n}:G"], gamma)
+            iA, iG = spd_inverse(PA, p[f"{n}:iA"]), spd_inverse(PG, p[f"{n}:iG"])
+            # covariance (N PA)^-1 (x) PG^-1: lower Cholesky roots of the inverses
+            SA = jnp.linalg.cholesky(iA) / math.sqrt(N)
+            SG = jnp.linalg.cholesky(iG)
+            return (
+                iA,
+                iG,
+                p[f"{n}:SA"] + t * (SA - p[f"{n}:SA"]),
+                p[f"{n}:SG"] + t * (SG - p[f"{n}:SG"]),
+            )
+
+        keep = lambda: (p[f"{n}:iA"], p[f"{n}:iG"], p[f"{n}:SA"], p[f"{n}:SG"])
+        iA, iG, SA, SG = lax.cond(redo, refresh, keep)
+        M = p[f"{n}:M"] - (lr * t / N) * kfac_precondition(gM, iA, iG)
+        return {f"{n}:M": M, f"{n}:iA": iA, f"{n}:iG": iG, f"{n}:SA": SA, f"{n}:SG": SG}
+
+    def _diag_step(self, L, p, gM, lr, t, redo) -> dict:
+        n = L.name
+        prec = self.num_data * p[f"{n}:F"] + L.prior_prec  # posterior precision per weight
+        std = p[f"{n}:std"] + t * (prec**-0.5 - p[f"{n}:std"])
+        M = p[f"{n}:M"] - lr * t * gM / prec
+        return {f"{n}:M": M, f"{n}:std": std}
 
     # -- divergence ---------------------------------------------------------------------------
     def kl(self, p: dict, q: dict) -> jax.Array:
@@ -434,24 +354,13 @@ class KFACGuide(Guide):
                 r2 = (p[f"{n}:std"] / q[f"{n}:std"]) ** 2
                 total = total + 0.5 * jnp.sum(r2 + D**2 / q[f"{n}:std"] ** 2 - 1 - jnp.log(r2))
                 continue
-            total = total + _matrix_normal_kl(
+            total = total + matrix_normal_kl(
                 D, p[f"{n}:SA"], p[f"{n}:SG"], q[f"{n}:SA"], q[f"{n}:SG"]
             )
         if self._mf_idx.size:
             mf = lambda d: {"loc": d["mf:loc"], "scale": d["mf:scale"]}
             total = total + self._mf.kl(mf(p), mf(q))
         return total
-
-
-def _matrix_normal_kl(D, SAp, SGp, SAq, SGq) -> jax.Array:
-    """KL(p || q) for matrix normals with covariance roots S (cov = S_A S_A^T (x) S_G S_G^T),
-    D = Mq - Mp: 0.5 [|SAq^-1 SAp|^2 |SGq^-1 SGp|^2 + |SAq^-1 D SGq^-T|^2 - nm + log det ratio]."""
-    n, m = D.shape
-    iA, iG = jnp.linalg.inv(SAq), jnp.linalg.inv(SGq)
-    tr_a, tr_g = jnp.sum((iA @ SAp) ** 2), jnp.sum((iG @ SGp) ** 2)
-    maha = jnp.sum((iA @ D @ iG.T) ** 2)
-    logdet = m * (_tri_logdet(SAq) - _tri_logdet(SAp)) + n * (_tri_logdet(SGq) - _tri_logdet(SGp))
-    return 0.5 * (tr_a * tr_g + maha - n * m + 2.0 * logdet)
 
 
 class _GuideDistribution(dist.Distribution):
@@ -475,96 +384,3 @@ class _GuideDistribution(dist.Distribution):
 def DiagonalFisherGuide(model: Callable, **kwargs: Any) -> KFACGuide:
     """``KFACGuide(model, structure="diagonal", ...)``: one Fisher entry per weight (VOGN)."""
     return KFACGuide(model, structure="diagonal", **kwargs)
-
-
-# -- minibatch training and Monte Carlo prediction ---------------------------------------------
-class FitResult(NamedTuple):
-    state: Any  # NGVIState or numpyro SVIState
-    params: Any  # the fit to predict with (NGVI: averaged iterate)
-    losses: np.ndarray  # (epochs,) mean minibatch loss per epoch
-    epoch_times: np.ndarray  # (epochs,) seconds of training per epoch (the first compiles)
-    history: list  # per-epoch Metrics on the evaluation data
-
-
-def minibatches(n: int, batch_size: int, rng: np.random.Generator):
-    """Index arrays of one epoch: a fresh permutation cut into full batches (the rest dropped,
-    so every step has the same shape and one compiled step serves the run)."""
-    perm = rng.permutation(n)
-    for i in range(n // batch_size):
-        yield jnp.asarray(perm[i * batch_size : (i + 1) * batch_size])
-
-
-def _driver(engine):
-    """(engine, init, update, params, sampler) for an NGVI engine or a NumPyro SVI object."""
-    from numpyro.infer import SVI
-
-    from ngvi.infer import NGVI
-
-    if isinstance(engine, Guide):
-        engine = NGVI(engine.model, engine, lr=0.1, num_particles=2)
-    if isinstance(engine, NGVI):
-        guide = engine.guide
-        return engine, engine.init, engine.update, engine.get_params, guide.sample_posterior
-    if isinstance(engine, SVI):  # jitted init: NumPyro's eager setup compiles op by op
-        init, update = jax.jit(engine.init), jax.jit(engine.update)
-        return engine, init, update, engine.get_params, engine.guide.sample_posterior
-    raise ConfigError(f"fit_bnn needs an NGVI engine, ngvi guide or numpyro SVI, got {engine!r}")
-
-
-def fit_bnn(
-    engine,
-    X: jax.Array,
-    y: jax.Array,
-    *,
-    epochs: int,
-    batch_size: int,
-    rng_key: jax.Array | None = None,
-    eval_data: tuple | None = None,
-    num_samples: int = 32,
-    progress_bar: bool = True,
-    state: Any = None,
-    eval_every: int = 1,
-) -> FitResult:
-    """Train over ``epochs`` of shuffled minibatches, ``engine.update(state, X, y=y,
-    batch_idx=idx)`` per batch (the model takes ``batch_idx``, see ``models/bnn_classifier``).
-
-    ``engine`` is an ``NGVI`` (a bare ngvi guide gets ``NGVI(lr=0.1, num_particles=2)``) or a
-    NumPyro ``SVI`` (ADVI, MAP with ``AutoDelta``). With ``eval_data=(X_test, y_test)`` the
-    predictive metrics are computed every ``eval_every`` epochs and shown with the loss on a tqdm
-    bar."""
-    engine, init, update, get_params, sampler = _driver(engine)
-    rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
-    k_init, k_eval = jax.random.split(rng_key)
-    rng = np.random.default_rng(int(jax.random.randint(k_init, (), 0, 2**31 - 1)))
-    if state is None:
-        state = init(k_init, X, y=y, batch_idx=jnp.arange(batch_size))
-    draw = jax.jit(lambda k, p: sampler(k, p, sample_shape=(num_samples,)))
-    bar = _epoch_bar(epochs, progress_bar)
-    losses, times, history = [], [], []
-    for epoch in range(epochs):
-        t0, total, count = time.perf_counter(), 0.0, 0
-        for idx in minibatches(X.shape[0], batch_size, rng):
-            state, loss = update(state, X, y=y, batch_idx=idx)
-            total, count = total + loss, count + 1
-        losses.append(float(total) / max(count, 1))  # float() blocks: the epoch is done
-        times.append(time.perf_counter() - t0)
-        post = {"loss": f"{losses[-1]:.4g}"}
-        if eval_data is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
-            key = jax.random.fold_in(k_eval, epoch)
-            samples = draw(key, get_params(state))
-            history.append(evaluate_bnn(engine.model, samples, *eval_data))
-            post["acc"] = f"{history[-1].accuracy:.3f}"
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(post)
-    if bar is not None:
-        bar.close()
-    return FitResult(state, get_params(state), np.asarray(losses), np.asarray(times), history)
-
-
-def _epoch_bar(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="epochs", leave=False)

@@ -15,6 +15,8 @@ layer's input ``a`` and adds a zero perturbation ``delta[name]`` to ``s``, so th
 gives the pre-activation gradients ``g`` of the whole minibatch in one backward pass (the
 standard K-FAC trick, Martens & Grosse 2015, sec. 3). Layers are therefore *declared* by the
 model, not detected by pattern matching: a weight used outside ``dense`` is an ordinary latent.
+``find_layers`` reads the markers of a traced model into ``Layer`` records and ``fast_target``
+lays a BNN's latent space out with one compiled trace.
 """
 
 from __future__ import annotations
@@ -30,10 +32,19 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+from jax.flatten_util import ravel_pytree
+from numpyro.distributions.transforms import biject_to
 from numpyro.handlers import seed, substitute, trace
+from numpyro.infer.initialization import init_to_median
 from numpyro.primitives import Messenger, apply_stack
 
+from ngvi.errors import ModelError
+from ngvi.target import Site, Target
+
 __all__ = [
+    "Layer",
+    "fast_target",
+    "find_layers",
     "minibatch",
     "data_plate",
     "LAYER",
@@ -155,6 +166,71 @@ class ObservationResampler(Messenger):
 def layer_markers(trace: dict) -> dict:
     """``{layer name: marker site}`` of a NumPyro trace, in the order the model calls them."""
     return {s["layer"]: s for s in trace.values() if s["type"] == LAYER}
+
+
+# -- the layers and layout a curvature-aware guide sees ---------------------------------------
+class Layer(NamedTuple):
+    """A ``dense`` layer as the guide sees it: its sites and augmented weight-matrix shape."""
+
+    name: str
+    w: Site  # weight site (in, out)
+    b: Site | None  # bias site (out,) or None
+    n_in: int  # rows of the augmented matrix: in (+1 with a bias)
+    n_out: int
+    prior_prec: float  # mean prior precision of the weights
+
+
+def find_layers(model, args, kwargs, target: Target, rng_key) -> tuple[tuple[Layer, ...], int]:
+    """The model's ``dense`` layers (from their marker messages) and the data size ``N`` (the
+    number of observations times the likelihood's scale: N / B * B for a minibatch)."""
+    tr = trace(seed(model, rng_key)).get_trace(*args, **kwargs)
+    sites = {s.name: s for s in target.sites}
+    layers = []
+    for name, msg in layer_markers(tr).items():
+        w = sites.get(f"{name}_w")
+        b = sites.get(f"{name}_b") if msg["bias"] else None
+        if w is None or len(w.shape) != 2 or w.shape != w.unconstrained_shape:
+            raise ModelError(f"layer '{name}' has no real (in, out) latent site '{name}_w'.")
+        prec = float(jnp.mean(1.0 / tr[w.name]["fn"].variance))
+        layers.append(Layer(name, w, b, w.shape[0] + (b is not None), w.shape[1], prec))
+    if not layers:
+        raise ModelError("the model declares no ngvi.nn.dense layer: KFACGuide needs at least one.")
+    obs = [s for s in tr.values() if s["type"] == "sample" and s["is_observed"]]
+    sizes = [math.prod(s["fn"].batch_shape) * float(s["scale"] or 1.0) for s in obs]
+    return tuple(layers), round(max(sizes, default=1))
+
+
+def fast_target(model, args: tuple, kwargs: dict, rng_key) -> Target:
+    """A ``Target`` from one jitted trace at the prior median (``init_to_median``), without
+    ``make_target``'s data and initialization checks (same layout and signature)."""
+    info: dict = {}
+
+    def latent_unc():
+        init = init_to_median(num_samples=15)
+        tr = trace(substitute(seed(model, rng_key), substitute_fn=init)).get_trace(*args, **kwargs)
+        latent = [
+            s
+            for s in tr.values()
+            if s["type"] == "sample"
+            and not s["is_observed"]
+            and not s.get("infer", {}).get("is_auxiliary", False)
+        ]
+        info["support"] = {s["name"]: s["fn"].support for s in latent}
+        info["shape"] = {s["name"]: tuple(jnp.shape(s["value"])) for s in latent}
+        plates = [s["args"] for s in tr.values() if s["type"] == "plate"]
+        info["sub"] = any(a[1] is not None and a[1] != a[0] for a in plates)
+        return {s["name"]: biject_to(s["fn"].support).inv(s["value"]) for s in latent}
+
+    unc = jax.jit(latent_unc)()
+    z0, unravel = ravel_pytree(unc)
+    sites, offset = [], 0
+    for name in sorted(unc):
+        size = int(np.size(unc[name]))
+        shape = info["shape"][name]
+        sites.append(Site(name, shape, tuple(unc[name].shape), info["support"][name], offset, size))
+        offset += size
+    signature = ";".join(f"{s.name}{s.shape}{s.support}" for s in sites)
+    return Target(model, tuple(sites), int(z0.size), z0, unravel, info["sub"], signature)
 
 
 # -- Monte Carlo prediction ------------------------------------------------------------------
