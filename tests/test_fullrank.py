@@ -76,7 +76,7 @@ def test_precision_stays_positive_definite_for_an_indefinite_hessian():
 def logistic_fit():
     model, args, kwargs = models.load("logistic_regression")
     guide = FullRankGaussian(model)
-    result = NGVI(model, guide).run(KEY, 600, *args, progress_bar=False, **kwargs)
+    result = NGVI(model, guide).run(KEY, 200, *args, progress_bar=False, **kwargs)
     return model, guide, result, args, kwargs
 
 
@@ -123,3 +123,25 @@ def test_bad_options_raise(bad):
         NGVI(model, FullRankGaussian(model), max_kl=bad)
     with pytest.raises(ConfigError, match="hessian"):
         FullRankGaussian(model, hessian="bfgs")
+
+
+def test_auto_hessian_is_exact_up_to_moderate_dimension():
+    """hessian='auto' resolves to 'exact' for d <= AUTO_EXACT_MAX_DIM (200) and to 'stein'
+    above (benchmarks/bench_guides.py: with 8 particles Stein stalled short of 0.1 nat at d = 31
+    and d = 105, where exact reached it)."""
+    import numpyro
+    import numpyro.distributions as dist
+    from numpyro.infer import init_to_uniform
+
+    from ngvi.fullrank import AUTO_EXACT_MAX_DIM, auto_hessian
+
+    assert auto_hessian(AUTO_EXACT_MAX_DIM) == "exact"
+    assert auto_hessian(AUTO_EXACT_MAX_DIM + 1) == "stein"
+
+    def model():
+        numpyro.sample("z", dist.Normal(jnp.zeros(3), 1.0).to_event(1))
+
+    guide = FullRankGaussian(model, init_strategy=init_to_uniform)
+    guide.setup(KEY)
+    assert guide.hessian == "auto" and guide.resolved_hessian == "exact"
+    assert FullRankGaussian(model, hessian="stein").hessian == "stein"
