@@ -11,6 +11,7 @@ math.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +45,7 @@ class Guide:
     def __init__(self, model: Callable, *, init_strategy: Callable | None = None):
         if not callable(model):
             raise ConfigError(f"model must be a callable NumPyro model, got {model!r}.")
+        check_callable("init_strategy", init_strategy, "e.g. numpyro.infer.init_to_median()")
         self.model = model
         self.init_strategy = init_strategy or init_to_median(num_samples=15)
         self._target: Target | None = None
@@ -205,10 +207,10 @@ class MeanFieldGaussian(Guide):
         init_strategy: Callable | None = None,
     ):
         super().__init__(model, init_strategy=init_strategy)
-        if not (init_scale > 0 and math.isfinite(init_scale)):
-            raise ConfigError(f"init_scale must be a positive finite number, got {init_scale!r}.")
+        check_positive("init_scale", init_scale)
         if coords not in ("natural", "meanscale"):
             raise ConfigError(f"coords must be 'natural' or 'meanscale', got {coords!r}.")
+        check_callable("precision_schedule", precision_schedule, "step -> step size")
         self.init_scale = float(init_scale)
         self.coords = coords
         self.precision_schedule = precision_schedule or default_precision_schedule
@@ -266,6 +268,19 @@ class MeanFieldGaussian(Guide):
         r2 = (p["scale"] / q["scale"]) ** 2
         dm2 = ((p["loc"] - q["loc"]) / q["scale"]) ** 2
         return 0.5 * jnp.sum(r2 + dm2 - 1.0 - jnp.log(r2))
+
+
+def check_positive(name: str, value: Any) -> None:
+    """ConfigError unless ``value`` is a positive finite real number."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not (ok and math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name} must be a positive finite number, got {value!r}.")
+
+
+def check_callable(name: str, value: Any, what: str) -> None:
+    """ConfigError unless ``value`` is None (the default) or callable."""
+    if value is not None and not callable(value):
+        raise ConfigError(f"{name} must be None or a callable ({what}), got {value!r}.")
 
 
 def default_precision_schedule(step) -> jax.Array:
