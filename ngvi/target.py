@@ -27,9 +27,10 @@ from jax.flatten_util import ravel_pytree
 from numpyro.distributions.transforms import biject_to
 from numpyro.handlers import seed, substitute, trace
 from numpyro.infer.initialization import init_to_median, init_to_uniform
-from numpyro.infer.util import constrain_fn, log_density, potential_energy
+from numpyro.infer.util import constrain_fn, log_density
 
 from ngvi.errors import DataError, ModelError
+from ngvi.logspace import stable_potential_energy
 
 __all__ = ["Site", "Target", "make_target", "split_data", "join_data"]
 
@@ -59,7 +60,7 @@ class Target(NamedTuple):
     def log_density(self, z: jax.Array, args=(), kwargs=None, rng_key=None) -> jax.Array:
         """log p(x, T(z)) + log|J_T(z)| for one flat unconstrained z of shape (dim,)."""
         model = self.model if rng_key is None else seed(self.model, rng_key)
-        return -potential_energy(model, args, kwargs or {}, self.unravel(z))
+        return -stable_potential_energy(model, args, kwargs or {}, self.unravel(z))
 
     def constrain(self, z: jax.Array, args=(), kwargs=None, rng_key=None) -> dict:
         """Constrained values per site (deterministic sites included) for z of shape (..., dim)."""
@@ -125,6 +126,7 @@ def _check_observed(site) -> None:
             f"observed site '{name}' holds a non-finite value ({bad}) at index {idx}: "
             "drop or impute missing observations before fitting."
         )
+    _check_observed_shape(name, np.shape(value), fn)
     support = getattr(fn, "support", None)
     if support is None:
         return
@@ -135,7 +137,7 @@ def _check_observed(site) -> None:
         bad = np.broadcast_to(arr, ok.shape)[idx] if arr.ndim else arr
         raise DataError(
             f"observed site '{name}' has value {bad} at index {idx} outside the support of its "
-            f"{type(fn).__name__} likelihood ({support}): fix the data or choose a likelihood "
+            f"{_dist_name(fn)} likelihood ({support}): fix the data or choose a likelihood "
             "whose support contains it."
         )
 
@@ -151,6 +153,37 @@ def _global_observed(value: jax.Array, support):
     from jax.experimental import multihost_utils
 
     return multihost_utils.process_allgather(value, tiled=True)
+
+
+def _dist_name(fn) -> str:
+    """The distribution's name under the plate/to_event/mask wrappers."""
+    while isinstance(fn, (dist.ExpandedDistribution, dist.Independent, dist.MaskedDistribution)):
+        fn = fn.base_dist
+    return type(fn).__name__
+
+
+def _check_observed_shape(name: str, shape: tuple, fn) -> None:
+    """The data must have the distribution's shape or extend it on the left: a distribution
+    larger than its data would score every observation several times."""
+    model_shape = tuple(fn.shape())
+    hint = (
+        f"observed site '{name}' has data of shape {shape} but its {_dist_name(fn)} "
+        f"distribution has shape {model_shape} (batch {tuple(fn.batch_shape)} + event "
+        f"{tuple(fn.event_shape)})"
+    )
+    try:
+        full = tuple(np.broadcast_shapes(shape, model_shape))
+    except ValueError:
+        raise DataError(
+            f"{hint}, which do not broadcast: pass data of shape {model_shape}, or size the "
+            "plate from the data (numpyro.plate('n', len(y)))."
+        ) from None
+    if full != tuple(shape):
+        raise DataError(
+            f"{hint}: the log likelihood would broadcast to {full} and count each observation "
+            f"{math.prod(full) // max(math.prod(shape), 1)} times. Reshape the data to "
+            f"{model_shape} or the distribution's parameters to the data's shape."
+        )
 
 
 def _check_latent(site) -> None:
@@ -182,17 +215,25 @@ def _improper_without_likelihood(model, args, kwargs, z0, unravel, sites, rng_ke
     if not improper:
         return
 
-    def loglik(z):
-        params = constrain_fn(seed(model, rng_key), args, kwargs, unravel(z))
-        _, tr = log_density(seed(model, rng_key), args, kwargs, params)
-        terms = [
-            jnp.sum(s["fn"].log_prob(s["value"]))
-            for s in tr.values()
-            if s["type"] == "sample" and s["is_observed"]
-        ]
-        return sum(terms) if terms else jnp.zeros(())
+    dynamic, spec = split_data(args, kwargs)
 
-    g = unravel(jax.grad(loglik)(z0 + 0.1))
+    @jax.jit  # one compile, not an op-by-op gradient of the whole model
+    def loglik_grad(z, dynamic):
+        a, k = join_data(dynamic, spec)
+
+        def loglik(z):
+            params = constrain_fn(seed(model, rng_key), a, k, unravel(z))
+            _, tr = log_density(seed(model, rng_key), a, k, params)
+            terms = [
+                jnp.sum(s["fn"].log_prob(s["value"]))
+                for s in tr.values()
+                if s["type"] == "sample" and s["is_observed"]
+            ]
+            return sum(terms) if terms else jnp.zeros(())
+
+        return jax.grad(loglik)(z)
+
+    g = unravel(loglik_grad(z0 + 0.1, dynamic))
     for s in improper:
         if not np.any(np.asarray(g[s["name"]]) != 0):
             raise ModelError(
@@ -274,7 +315,8 @@ def _potential_and_grad(model, args, kwargs, unravel, key, z):
     @jax.jit
     def f(z, dynamic, key):
         a, k = join_data(dynamic, spec)
-        return jax.value_and_grad(lambda z: potential_energy(seed(model, key), a, k, unravel(z)))(z)
+        energy = lambda z: stable_potential_energy(seed(model, key), a, k, unravel(z))
+        return jax.value_and_grad(energy)(z)
 
     return f(z, dynamic, key)
 
