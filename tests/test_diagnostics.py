@@ -26,6 +26,8 @@ from ngvi.diagnostics import (  # noqa: E402
 from ngvi.errors import ConfigError, DataError  # noqa: E402
 from ngvi.plots import plot_elbo, plot_marginals, plot_pair  # noqa: E402
 
+pytestmark = pytest.mark.x64  # float64 in this module only (tests/conftest.py)
+
 KEY = jax.random.PRNGKey(0)
 
 

@@ -27,6 +27,8 @@ from ngvi.families import (  # noqa: E402
     Poisson,
 )
 
+pytestmark = pytest.mark.x64  # float64 in this module only (tests/conftest.py)
+
 A = jnp.array
 CLOSED_FORM_TOL = 1e-10
 # Newton families: natural_to_mean(m_step(t)) reproduces t to this relative accuracy

@@ -21,6 +21,8 @@ from ngvi.fullrank import (  # noqa: E402
     whitened_antithetic_noise,
 )
 
+pytestmark = pytest.mark.x64  # float64 in this module only (tests/conftest.py)
+
 KEY = jax.random.PRNGKey(0)
 
 

@@ -16,6 +16,8 @@ from ngvi.scoring import make_elbo_scorer, meanfield_optimum
 
 jax.config.update("jax_enable_x64", True)
 
+pytestmark = pytest.mark.x64  # float64 in this module only (tests/conftest.py)
+
 
 def fit(name, steps, **engine_kw):
     model, args, kwargs = models.load(name)

@@ -8,12 +8,15 @@ first order in lr; a finite unit step does not.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ngvi import MeanFieldGaussian
 
 jax.config.update("jax_enable_x64", True)
+
+pytestmark = pytest.mark.x64  # float64 in this module only (tests/conftest.py)
 
 sigmoid = jax.nn.sigmoid
 

@@ -1,0 +1,48 @@
+"""Float64 per test module, so the rest of the suite runs in JAX's default float32.
+
+A module that needs float64 says so with ``pytestmark = pytest.mark.x64`` and switches it on at
+import (``jax.config.update("jax_enable_x64", True)`` above its constants, which are then built
+in float64). Collecting a module restores the switch afterwards, so that one module's import does
+not turn the whole session to float64; the autouse fixture below turns it on again while the
+marked module's tests run and restores it after. ``JAX_ENABLE_X64=1 python -m pytest`` runs the
+whole suite in float64 (``.ci/run-slow`` does both).
+"""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+
+def _x64() -> bool:
+    return bool(jax.config.read("jax_enable_x64"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """Undo a module's import-time ``jax_enable_x64`` switch once it is collected; a module that
+    flips the switch without the ``x64`` marker would silently change every later module, so it
+    fails collection with the fix."""
+    before = _x64()
+    outcome = yield
+    if not isinstance(collector, pytest.Module) or _x64() == before:
+        return
+    jax.config.update("jax_enable_x64", before)
+    if collector.get_closest_marker("x64") is None:
+        outcome.get_result().outcome = "failed"
+        outcome.get_result().longrepr = (
+            f"{collector.nodeid} switches jax_enable_x64 at import without the x64 marker: add "
+            "`pytestmark = pytest.mark.x64` so the switch stays inside this module."
+        )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _x64_for_marked_modules(request):
+    """jax_enable_x64 on for the tests of a module marked ``x64``, restored afterwards."""
+    if request.node.get_closest_marker("x64") is None:
+        yield
+        return
+    before = _x64()
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", before)
