@@ -136,8 +136,9 @@ class NGVI:
             )
         if guide.model is not model:
             raise ConfigError(
-                "the guide was built for another model function: build it with the same model, "
-                "e.g. NGVI(model, ngvi.MeanFieldGaussian(model))."
+                f"the {type(guide).__name__} was built for another model function "
+                f"({_name(guide.model)}) than the one given to NGVI ({_name(model)}): build it "
+                "with the same model, e.g. NGVI(model, ngvi.MeanFieldGaussian(model))."
             )
         self.model, self.guide = model, guide
         self.lr, self.damping, self.num_particles = float(lr), float(damping), int(num_particles)
@@ -448,6 +449,10 @@ def _rejection_message(engine, state, info) -> str:
         f"{engine.max_rejections} consecutive steps were rejected at step {int(state.step)}: "
         f"{cause}. The result holds the last good state (FitError.result)."
     )
+
+
+def _name(fn) -> str:
+    return f"'{getattr(fn, '__qualname__', None) or repr(fn)}'"
 
 
 def _last_finite(x) -> float:
