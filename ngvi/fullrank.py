@@ -21,8 +21,9 @@ so one dimensionless damping serves every model.
 
 **Hessian estimators** (``hessian=``; the default ``"auto"`` is ``"exact"`` for ``d <= 200`` and
 ``"stein"`` above: measured in ``benchmarks/bench_guides.py``, with 8 particles the Stein estimate
-left the fit 0.2 nat short of the optimum after 600 steps at d = 31 and ~90 nats short at d = 105,
-where the exact one reached 0.1 nat in 40 and ~80 steps, at about 2x / 10x the cost per step):
+left the fit 0.23 nat short of the optimum after 600 steps at d = 31 and 109 nats short at
+d = 105, where the exact one stayed within 0.1 nat from step 40 and 60, at 1.3x / 2.8x the cost
+per step):
 
 * ``"stein"`` (Price's theorem / Stein's lemma, Opper & Archambeau 2009; Rezende et al.
   2014): ``E[hess log p] = E[grad log p (z - mu)^T] S = E[g_k eps_k^T] L^T``, symmetrised. It
