@@ -234,9 +234,11 @@ def test_estimator_per_site_and_auto_fallbacks():
     assert used == {"m": "pathwise", "s": "score", "p": "regression", "w": "pathwise",
                     "v": "pathwise"}  # fmt: skip
     assert guide.resolved_estimator == "mixed"
-    model, args, kwargs = models.load("gamma_poisson")
-    single = ExpFamilyGuide(model)
-    single.setup(KEY, args, kwargs)
+    def one_gamma():
+        numpyro.sample("lam", dist.Gamma(2.0, 1.0))
+
+    single = ExpFamilyGuide(one_gamma, init_strategy=init_to_uniform)
+    single.setup(KEY)
     (factor,) = single.factors
     assert single.estimator_for(factor, 3) == "regression"
     assert single.estimator_for(factor, 2) == "pathwise"

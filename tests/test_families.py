@@ -111,6 +111,8 @@ NAMES = list(CASES)
 NEWTON = {"gamma", "beta", "dirichlet", "normal_gamma"}
 # Beta/Dirichlet pathwise gradients reuse jax.random.gamma's implicit gradient (checked
 # by "gamma" in the default run); their extra ~10 s of XLA compilation is opt-in (-m slow).
+# the checks on 100k draws compile each sampler (~10 s for NormalGamma's): in the slow job
+DRAWN = [pytest.param(n, marks=pytest.mark.slow) if n == "normal_gamma" else n for n in NAMES]
 REPARAM = [
     pytest.param(n, marks=pytest.mark.slow) if n in ("beta", "dirichlet", "normal_gamma") else n
     for n in NAMES
@@ -183,7 +185,7 @@ def test_fisher_matches_autodiff_hessian(name):
     np.testing.assert_allclose(res["fisher"], res["fisher_autodiff"], rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", DRAWN)
 def test_fisher_matches_monte_carlo_covariance(name):
     fam, eta, _ = CASES[name]
     f, f_mc = jax.jit(lambda e, x: (fam.fisher(e), stats_covariance(fam, x)))(eta, _draws(name))
@@ -288,7 +290,7 @@ def test_dirichlet_newton_property(log_alpha):
 # ---------------------------------------------------------------- KL
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", DRAWN)
 def test_kl_closed_form_matches_monte_carlo(name):
     fam, eta_p, eta_q = CASES[name]
 
@@ -305,7 +307,7 @@ def test_kl_closed_form_matches_monte_carlo(name):
 # ---------------------------------------------------------------- NumPyro / sampling
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", DRAWN)
 def test_log_prob_matches_numpyro(name):
     fam, eta, _ = CASES[name]
     x = _draws(name)[:7]
@@ -428,6 +430,7 @@ def test_full_rank_gaussian_fisher_layout_and_precision_tril():
 # ---------------------------------------------------------------- Normal-Gamma
 
 
+@pytest.mark.slow  # shares the 100k-draw compile of DRAWN
 def test_normal_gamma_log_prob_is_gamma_times_conditional_normal():
     """log q(mu, tau) = Gamma(a, b).log_prob(tau) + Normal(m, (k tau)^-1/2).log_prob(mu), with
     numpyro's own distributions (an oracle independent of the family's closed forms)."""
@@ -457,14 +460,17 @@ def test_normal_gamma_one_unit_step_lands_on_the_exact_posterior():
     fam = NormalGamma()
     eta = fam.from_standard(A(0.0), A(1.0), A(2.0), A(2.0))
 
-    def step(eta):
-        x = fam.sample(KEY, eta, (8,))
+    rng = np.random.RandomState(0)  # 8 draws from q0 (numpy: no sampler compile)
+    tau = rng.gamma(2.0, 1 / 2.0, 8)
+    x = jnp.asarray(np.stack([rng.randn(8) / np.sqrt(tau), tau], -1))
+
+    def step(eta, x):
         logp = jax.vmap(lambda xi: log_density(model, args, kwargs, {"mu": xi[0], "tau": xi[1]})[0])
         stats = fam.flatten(fam.sufficient_stats(x))
         beta = fam.unflatten(regression_natural_params(stats, logp(x)))
         return tuple(e + 1.0 * (b - e) for e, b in zip(eta, beta))
 
-    got = fam.standard(jax.jit(step)(eta))
+    got = fam.standard(jax.jit(step)(eta, x))
     for key, v in zip(("loc", "lam", "concentration", "rate"), got):
         np.testing.assert_allclose(v, post[key], rtol=1e-6, err_msg=key)
     mf = module.mean_field_optimum(*args, **kwargs)
