@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from numpyro.distributions.transforms import OrderedTransform
 from numpyro.handlers import seed, substitute, trace
@@ -85,8 +85,10 @@ def check_fit(sites, plate, observed, guide_cls, init_scale, lr, seed_) -> None:
     guide = guide_cls(model, init_scale=init_scale, init_strategy=init_to_uniform)
     try:
         r = NGVI(model, guide, lr=lr, max_rejections=20).run(key, 30, y, progress_bar=False)
-    except NGVIError:
+    except NGVIError as e:
+        event(f"raised {type(e).__name__}")
         return  # a documented error (improper posterior, too many rejections, ...)
+    event("fitted")
     leaves = jax.tree.leaves(r.params)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in leaves), "non-finite parameters"
     draws = guide.sample_posterior(jax.random.PRNGKey(1), r.params, sample_shape=(20,))
