@@ -14,6 +14,7 @@ from numpyro.infer.autoguide import AutoNormal
 from numpyro.infer.initialization import init_to_value
 
 import models
+import ngvi
 from ngvi.curvature import spd_inverse
 from ngvi.infer import StepContext
 from ngvi.kfac import KFACGuide, bnn_engine, fit_bnn, kfac_precondition, layer_fisher_stats
@@ -54,6 +55,11 @@ def test_newton_schulz_inverse_cold_and_warm():
     P2 = P + 0.02 * np.diag(np.diag(P))
     X2 = inv(jnp.asarray(P2, jnp.float32), X)
     assert _rel(X2, np.linalg.inv(P2)) < 5e-3
+
+
+def test_stats_every_must_be_a_positive_integer():
+    with pytest.raises(ngvi.ConfigError, match="stats_every must be an integer >= 1, got 0"):
+        KFACGuide(_softmax_layer, stats_every=0)
 
 
 def _softmax_fisher_blocks(a, W):
