@@ -53,6 +53,10 @@ class NGVIInfo(NamedTuple):
     damping: jax.Array
     kl: jax.Array  # KL between consecutive averaged iterates
     step_kl: jax.Array = float("nan")  # KL(q_old || q_new) of the step (0 when rejected)
+    # () int32 why the step was rejected: 0 accepted, 1 loss or gradient not finite, 2 proposal
+    # not finite (the guide's inverse/Cholesky failed or overflowed), 3 loss not finite at the
+    # proposal, 4 the loss rose
+    reason: jax.Array = 0
 
 
 class StepContext(NamedTuple):
@@ -235,7 +239,12 @@ class NGVI:
             if self.max_kl is not None
             else jnp.full((), jnp.nan, loss.dtype)
         )
-        return new_state, NGVIInfo(loss, accept, state.damping, kl, step_kl)
+        reason = jnp.select(
+            [accept, ~(jnp.isfinite(loss) & _all_finite(grad)), ~_all_finite(proposal)],
+            [0, 1, 2],
+            jnp.where(jnp.isfinite(new_loss), 4, 3),
+        ).astype(jnp.int32)
+        return new_state, NGVIInfo(loss, accept, state.damping, kl, step_kl, reason)
 
     def _trust_region(self, params, proposal, full_step):
         """(params + t * full_step, t) with the largest t in [0, 1] (1, else 30 bisection
@@ -308,7 +317,9 @@ class NGVI:
                 | (s.calm_steps >= self._patience)
                 | (s.consecutive_rejected >= self.max_rejections)
             )
-            nan_info = NGVIInfo(jnp.nan, jnp.array(False), s.damping, jnp.nan, jnp.nan)
+            nan_info = NGVIInfo(
+                jnp.nan, jnp.array(False), s.damping, jnp.nan, jnp.nan, jnp.zeros((), jnp.int32)
+            )
             return lax.cond(done, lambda s: (s, nan_info), lambda s: self._step(s, data, tol), s)
 
         return lax.scan(body, state, None, length=chunk)
@@ -415,7 +426,7 @@ class NGVI:
             info = jax.tree.map(lambda x: x[keep], info)
             n_run = len(keep)
         else:
-            info, n_run = NGVIInfo(*(jnp.zeros((0,)),) * 5), 0
+            info, n_run = NGVIInfo(*(jnp.zeros((0,)),) * 5, jnp.zeros((0,), jnp.int32)), 0
         result = NGVIRunResult(
             self.get_params(state),
             state,
@@ -437,13 +448,21 @@ def _should_stop(state: NGVIState, engine: NGVI) -> bool:
     )
 
 
+_CAUSES = {
+    1: "the ELBO or its gradient is not finite at the current parameters (the log density "
+    "overflows there: check the priors and the data's scale, or try float64)",
+    2: "the guide's proposal is not finite (its Fisher inverse or Cholesky failed, or the step "
+    "overflowed): lower lr, set max_kl, raise the initial damping, or try float64",
+    3: "the ELBO is not finite at every proposal (the steps reach where the log density "
+    "overflows): lower lr, set max_kl, or try float64",
+}
+
+
 def _rejection_message(engine, state, info) -> str:
-    losses = np.asarray(info.loss)
-    cause = (
-        "the ELBO is not finite at the current parameters (the log density or its gradient "
-        "overflows: check priors and data scale, or try float64)"
-        if losses.size and not np.isfinite(losses[-1])
-        else f"no step improved the ELBO even with damping {float(state.damping):.3g}"
+    reasons = np.asarray(info.reason)
+    last = int(reasons[-1]) if reasons.size else 4
+    cause = _CAUSES.get(
+        last, f"no step improved the ELBO even with damping {float(state.damping):.3g}"
     )
     return (
         f"{engine.max_rejections} consecutive steps were rejected at step {int(state.step)}: "

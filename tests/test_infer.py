@@ -150,8 +150,10 @@ def test_fit_error_keeps_last_good_state():
     engine = NGVI(model, guide, max_rejections=5)
     with pytest.raises(ngvi.FitError, match="5 consecutive steps were rejected") as err:
         engine.run(jax.random.PRNGKey(0), 50, progress_bar=False)
+    assert "ELBO or its gradient is not finite at the current parameters" in str(err.value)
     res = err.value.result
     assert res is not None and np.all(np.isfinite(res.state.params["loc"]))
+    assert np.all(np.asarray(res.info.reason) == 1)
 
 
 @pytest.mark.parametrize(

@@ -166,6 +166,7 @@ def test_float_overflow_is_rejected_and_the_fit_recovers():
     r = NGVI(overflow_model, guide).run(KEY, 60, progress_bar=False)
     accepted, damping = np.asarray(r.info.accepted), np.asarray(r.info.damping)
     assert not accepted[0] and damping[1] > damping[0], "the overflowing unit step is rejected"
+    assert int(r.info.reason[0]) == 3 and int(r.info.reason[-1]) in (0, 4), "reason recorded"
     loc = float(r.params["loc"][0])
     assert np.isfinite(loc) and _log_max() < loc < 2 * _log_max()
     assert np.all(np.isfinite(r.losses)) and accepted.mean() > 0.5
@@ -184,7 +185,9 @@ def test_failed_cholesky_is_rejected_then_fit_error_keeps_the_last_good_state():
     engine = NGVI(saddle, guide, max_rejections=3)
     with pytest.raises(FitError, match="3 consecutive steps were rejected at step 3") as err:
         engine.run(KEY, 50, progress_bar=False)
+    assert "proposal is not finite" in str(err.value), "names the cause: the step, not the loss"
     res = err.value.result
+    assert np.all(np.asarray(res.info.reason) == 2)
     assert np.all(np.isfinite(res.losses)), "the loss and gradient are finite: only the step fails"
     assert res.num_rejected == 3 and not np.any(np.asarray(res.info.accepted))
     assert np.all(np.diff(np.asarray(res.info.damping)) > 0) and float(res.state.damping) > 1.0
