@@ -150,12 +150,14 @@ class NGVI:
         self.max_rejections = int(max_rejections)
         self.max_kl = None if max_kl is None else float(max_kl)
         self._jitted: dict = {}
+        self._layouts: set = set()  # data shapes the guide has been set up (and checked) for
 
     # -- pure pieces --------------------------------------------------------------------------
     def init(self, rng_key: jax.Array, *args, **kwargs) -> NGVIState:
         """Set the guide up on the model's data and return the initial state."""
         key_setup, key_run = jax.random.split(rng_key)
         target = self.guide.setup(key_setup, args, kwargs)
+        self._layouts.add(_data_shapes(*_split_data(args, kwargs)))
         params = self.guide.init_params(target)
         params = jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.result_type(float)), params)
         i0 = jnp.zeros((), jnp.int32)
@@ -328,15 +330,25 @@ class NGVI:
 
     def update(self, state: NGVIState, *args, **kwargs) -> tuple[NGVIState, jax.Array]:
         """One natural step; returns the new state and the loss (-ELBO) it started from."""
-        dynamic, spec = _split_data(args, kwargs)
+        dynamic, spec = self._checked_data(args, kwargs)
         new_state, info = self._compiled("update", spec)(state, dynamic, jnp.asarray(-1.0))
         return new_state, info.loss
 
     def evaluate(self, state: NGVIState, *args, **kwargs) -> jax.Array:
         """-ELBO of the averaged parameters, on fresh noise derived from the state's key."""
-        dynamic, spec = _split_data(args, kwargs)
+        dynamic, spec = self._checked_data(args, kwargs)
         key = jax.random.fold_in(state.rng_key, 1)
         return self._compiled("evaluate", spec)(state, dynamic, key)
+
+    def _checked_data(self, args, kwargs):
+        """Split the data; data of shapes not seen by ``init`` set the guide up again first, so a
+        changed latent layout gets the guide's named ``ModelError``, not a shape error from jit."""
+        dynamic, spec = _split_data(args, kwargs)
+        shapes = _data_shapes(dynamic, spec)
+        if shapes not in self._layouts:
+            self.guide.setup(jax.random.PRNGKey(0), args, kwargs)
+            self._layouts.add(shapes)
+        return dynamic, spec
 
     def get_params(self, state: NGVIState) -> Any:
         """The averaged parameters (the fit to report)."""
@@ -411,6 +423,7 @@ class NGVI:
         """The state to start from and the step to stop at (see ``run``)."""
         if init_state is not None:
             self.guide.setup(jax.random.PRNGKey(0), args, kwargs)
+            self._layouts.add(_data_shapes(*_split_data(args, kwargs)))
             return init_state, init_state.step + num_steps
         state = self.init(rng_key, *args, **kwargs)
         if checkpoint is None:
@@ -468,6 +481,10 @@ def _rejection_message(engine, state, info) -> str:
         f"{engine.max_rejections} consecutive steps were rejected at step {int(state.step)}: "
         f"{cause}. The result holds the last good state (FitError.result)."
     )
+
+
+def _data_shapes(dynamic, spec) -> tuple:
+    return spec, tuple((jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(dynamic))
 
 
 def _name(fn) -> str:

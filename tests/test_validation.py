@@ -143,6 +143,13 @@ def test_guide_set_up_for_other_data_shapes_refuses_a_new_layout():
     with pytest.raises(ModelError, match=r"set up for .*z\(3,\).* now given .*z\(4,\).*new guide"):
         guide.setup(KEY, (jnp.ones(4),))
 
+    engine = NGVI(model, MeanFieldGaussian(model))
+    state = engine.init(KEY, jnp.ones(3))
+    state, _ = engine.update(state, jnp.zeros(3))  # same shapes: no new set-up, no error
+    for call in (engine.update, engine.evaluate):
+        with pytest.raises(ModelError, match=r"now given .*z\(4,\).*new guide"):
+            call(state, jnp.ones(4))
+
 
 # -- faults during a fit -----------------------------------------------------------------------
 def _log_max() -> float:
