@@ -56,10 +56,10 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
-from jax.scipy.special import digamma, gammaln, logsumexp
+from jax.scipy.special import logsumexp
 from numpyro.distributions import constraints
 
-from ngvi.families import Dirichlet, ExpFamily, Params, gamma_shape_from_log_ratio
+from ngvi.families import Dirichlet, ExpFamily, NormalGamma, Params
 
 Array = jax.Array
 Coords = Literal["mean", "natural"]
@@ -229,84 +229,6 @@ class FixedVarianceGaussian(ExpFamily):
         return dist.Normal(self.variance * eta[0], math.sqrt(self.variance))
 
 
-@dataclasses.dataclass(frozen=True)
-class NormalGamma(ExpFamily):
-    r"""Normal-Gamma on ``(mu, tau)``: ``tau ~ Gamma(a, b)``, ``mu | tau ~ N(m, 1 / (beta tau))``.
-
-    ``T(mu, tau) = (tau mu, tau mu^2, log tau, tau)`` (``h = 1``), chosen so that a Gaussian
-    likelihood term is linear in ``T``:
-    ``log N(x | mu, 1/tau) = <T(mu, tau), t(x)> - log(2 pi) / 2`` with
-    ``t(x) = (x, -1/2, 1/2, -x^2/2)``. Natural parameters
-
-        eta = (beta m, -beta / 2, a - 1/2, -(b + beta m^2 / 2)),
-
-    ``A(eta) = log Gamma(a) - a log b - log(beta) / 2 + log(2 pi) / 2`` and
-    ``m = (a m / b, a m^2 / b + 1 / beta, psi(a) - log b, a / b)``. ``mean_to_natural``
-    solves ``log a - psi(a) = log E[tau] - E[log tau]`` by Newton (as ``Gamma`` does).
-    Draws are ``(..., 2)`` arrays ``[mu, tau]``. Fisher: ``jax.hessian`` of ``A`` (4 x 4).
-    """
-
-    param_shapes = ((), (), (), ())
-    event_shape = (2,)
-    support = constraints.real_vector
-    reparameterized = False
-
-    @classmethod
-    def from_standard(cls, loc: Array, beta: Array, a: Array, b: Array) -> Params:
-        loc, beta, a, b = jnp.broadcast_arrays(*(jnp.asarray(v) for v in (loc, beta, a, b)))
-        return (beta * loc, -0.5 * beta, a - 0.5, -(b + 0.5 * beta * loc**2))
-
-    def standard(self, eta: Params) -> tuple[Array, Array, Array, Array]:
-        """``(loc m, beta, a, b)``."""
-        beta = -2.0 * eta[1]
-        loc = eta[0] / beta
-        return loc, beta, eta[2] + 0.5, -eta[3] - 0.5 * beta * loc**2
-
-    def log_partition(self, eta: Params) -> Array:
-        _, beta, a, b = self.standard(eta)
-        return gammaln(a) - a * jnp.log(b) - 0.5 * jnp.log(beta) + 0.5 * _LOG_2PI
-
-    def natural_to_mean(self, eta: Params) -> Params:
-        loc, beta, a, b = self.standard(eta)
-        e_tau = a / b
-        return (e_tau * loc, e_tau * loc**2 + 1.0 / beta, digamma(a) - jnp.log(b), e_tau)
-
-    def mean_to_natural(self, m: Params) -> Params:
-        e_tau_mu, e_tau_mu2, e_log_tau, e_tau = m
-        loc = e_tau_mu / e_tau
-        beta = 1.0 / (e_tau_mu2 - e_tau_mu * loc)
-        a = gamma_shape_from_log_ratio(jnp.log(e_tau) - e_log_tau)
-        return self.from_standard(loc, beta, a, a / e_tau)
-
-    def sufficient_stats(self, x: Array) -> Params:
-        mu, tau = x[..., 0], x[..., 1]
-        return (tau * mu, tau * mu**2, jnp.log(tau), tau)
-
-    def log_base_measure(self, x: Array) -> Array:
-        return jnp.zeros(jnp.shape(x)[:-1])
-
-    def fisher(self, eta: Params) -> Array:
-        flat = self.flatten(eta)
-        batch, k = flat.shape[:-1], flat.shape[-1]
-        hess = jax.vmap(jax.hessian(lambda v: self.log_partition(self.unflatten(v))))
-        return hess(flat.reshape(-1, k)).reshape(batch + (k, k))
-
-    def fisher_inverse(self, eta: Params, v: Params, damping: Array | float = 0.0) -> Params:
-        f = self.fisher(eta) + damping * jnp.eye(self.num_params)
-        return self.unflatten(jnp.linalg.solve(f, self.flatten(v)[..., None])[..., 0])
-
-    def sample(self, key: Array, eta: Params, sample_shape: tuple[int, ...] = ()) -> Array:
-        loc, beta, a, b = self.standard(eta)
-        shape = tuple(sample_shape) + self.batch_shape(eta)
-        k1, k2 = jax.random.split(key)
-        tau = jax.random.gamma(k1, a, shape, dtype=jnp.result_type(a)) / b
-        mu = loc + jax.random.normal(k2, shape, dtype=tau.dtype) / jnp.sqrt(beta * tau)
-        return jnp.stack([mu, tau], -1)
-
-    def to_numpyro(self, eta: Params):  # pragma: no cover - no joint NumPyro equivalent
-        raise NotImplementedError("NormalGamma has no single NumPyro distribution")
-
-
 class BayesGMMPrior(NamedTuple):
     """Conjugate prior of the diagonal Bayesian GMM (``models/bayes_gmm.py``).
 
@@ -350,9 +272,12 @@ def mixture_e_step(log_joint: Array) -> tuple[Array, Array]:
 
 
 def ng_likelihood_stats(x: Array) -> Params:
-    """``t(x_nd) = (x, -1/2, 1/2, -x^2/2)`` of shape ``(N, D)`` each (see ``NormalGamma``)."""
+    """``t(x_nd) = (x, -1/2, -x^2/2, 1/2)`` of shape ``(N, D)`` each, so that a Gaussian
+    likelihood term is linear in ``ngvi.families.NormalGamma``'s statistics
+    ``T(mu, tau) = (tau mu, tau mu^2, tau, log tau)``:
+    ``log N(x | mu, 1/tau) = <T(mu, tau), t(x)> - log(2 pi) / 2``."""
     half = jnp.full_like(x, 0.5)
-    return (x, -half, half, -0.5 * x**2)
+    return (x, -half, -0.5 * x**2, half)
 
 
 def ng_expected_loglik(x: Array, eta_ng: Params) -> Array:
