@@ -4,8 +4,10 @@ memory of K-FAC on a synthetic net with > 1e5 weights.
     python benchmarks/bench_kfac.py [--epochs 10] [--batch-size 64]
 
 Every method trains with ``fit_bnn`` (each epoch one compiled scan over its minibatches, so the
-time is compute, not Python dispatch). Per-epoch time is the median over epochs after the first
-(which compiles); ratios are to Adam (MAP) measured in the same run. K-FAC and diagonal NGVI use
+time is compute, not Python dispatch). Per-epoch time is the fastest epoch after the first (which
+compiles): on a shared machine other jobs only ever add time, so the minimum is the least
+disturbed estimate of the method's own cost (as ``timeit`` reports); the median is kept too.
+Ratios are to Adam (MAP) measured in the same run. K-FAC and diagonal NGVI use
 ``bnn_engine`` (one weight sample per step, lr 0.1); "kfac_ngvi_stats5" also updates the Kronecker
 factors only every 5 steps. Test accuracy, NLL and ECE use 32 Monte Carlo weight samples after the
 same number of epochs. Writes benchmarks/results/kfac.json.
@@ -72,16 +74,19 @@ def classifier(epochs: int, batch_size: int) -> dict:
         )
         met = r.history[-1]
         rows[name] = {
-            "epoch_s": float(np.median(r.epoch_times[1:])),
-            "step_ms": 1e3 * float(np.median(r.epoch_times[1:])) / (X.shape[0] // batch_size),
+            "epoch_s": float(np.min(r.epoch_times[1:])),
+            "epoch_s_median": float(np.median(r.epoch_times[1:])),
+            "step_ms": 1e3 * float(np.min(r.epoch_times[1:])) / (X.shape[0] // batch_size),
             "first_epoch_s": float(r.epoch_times[0]),
             "accuracy": met.accuracy,
             "nll": met.nll,
             "ece": met.ece,
         }
     base = rows["map_adam"]["epoch_s"]
+    base_median = rows["map_adam"]["epoch_s_median"]
     for row in rows.values():
         row["time_ratio_vs_adam"] = row["epoch_s"] / base
+        row["median_time_ratio_vs_adam"] = row["epoch_s_median"] / base_median
     return rows
 
 
@@ -141,10 +146,12 @@ def main() -> None:
         "synthetic": synthetic(),
     }
     print(f"digits BNN 64-32-10, {a.epochs} epochs, batch {a.batch_size} ({out['device']})")
-    print(f"{'method':<17} {'epoch s':>8} {'x Adam':>7} {'acc':>6} {'NLL':>6} {'ECE':>6}")
+    cols = ("epoch s", "x Adam", "median", "acc", "NLL", "ECE")
+    print(f"{'method':<17} " + " ".join(f"{c:>7}" for c in cols))
     for name, r in out["classifier"].items():
         print(
             f"{name:<17} {r['epoch_s']:8.4f} {r['time_ratio_vs_adam']:7.2f} "
+            f"{r['median_time_ratio_vs_adam']:7.2f} "
             f"{r['accuracy']:6.3f} {r['nll']:6.3f} {r['ece']:6.3f}"
         )
     s = out["synthetic"]
