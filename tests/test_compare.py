@@ -67,6 +67,7 @@ def test_compare_with_nuts_on_a_conjugate_model_reports_small_errors():
     assert any("ngvi: stayed within 0.1 nat" in line for line in verdicts(table))
 
 
+@pytest.mark.slow  # ~36 s (NUTS + full-rank fit + three figures): keeps the default run < 9 min
 def test_pair_plot_of_meanfield_fullrank_and_nuts(tmp_path):
     """On the correlated Gaussian the pair plot holds mean-field, full-rank and NUTS draws; the
     full-rank fit is exact (k-hat reported as exact), mean-field misses the correlation."""
