@@ -156,8 +156,7 @@ class NGVI:
     def init(self, rng_key: jax.Array, *args, **kwargs) -> NGVIState:
         """Set the guide up on the model's data and return the initial state."""
         key_setup, key_run = jax.random.split(rng_key)
-        target = self.guide.setup(key_setup, args, kwargs)
-        self._layouts.add(_data_shapes(*_split_data(args, kwargs)))
+        target = self._setup(key_setup, args, kwargs)
         params = self.guide.init_params(target)
         params = jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.result_type(float)), params)
         i0 = jnp.zeros((), jnp.int32)
@@ -206,9 +205,9 @@ class NGVI:
             significant = jnp.abs(actual) > tolerance
         # quadratic-model decrease of the step cut to a fraction t of a Newton step: (t - t^2/2)
         predicted = -(frac - 0.5 * frac**2) * tree_vdot(grad, full_step)
-        finite = (
-            jnp.isfinite(loss) & jnp.isfinite(new_loss) & _all_finite(proposal) & _all_finite(grad)
-        )
+        finite_here = jnp.isfinite(loss) & _all_finite(grad)
+        finite_proposal = _all_finite(proposal)
+        finite = finite_here & finite_proposal & jnp.isfinite(new_loss)
         slack = 16 * jnp.finfo(loss.dtype).eps * (jnp.abs(loss) + 1.0)  # rounding, not a worse fit
         accept = finite & (actual >= -jnp.maximum(slack, tolerance))
         damping = self._adapt(state.damping, accept, actual, predicted, significant)
@@ -242,7 +241,7 @@ class NGVI:
             else jnp.full((), jnp.nan, loss.dtype)
         )
         reason = jnp.select(
-            [accept, ~(jnp.isfinite(loss) & _all_finite(grad)), ~_all_finite(proposal)],
+            [accept, ~finite_here, ~finite_proposal],
             [0, 1, 2],
             jnp.where(jnp.isfinite(new_loss), 4, 3),
         ).astype(jnp.int32)
@@ -344,11 +343,15 @@ class NGVI:
         """Split the data; data of shapes not seen by ``init`` set the guide up again first, so a
         changed latent layout gets the guide's named ``ModelError``, not a shape error from jit."""
         dynamic, spec = _split_data(args, kwargs)
-        shapes = _data_shapes(dynamic, spec)
-        if shapes not in self._layouts:
-            self.guide.setup(jax.random.PRNGKey(0), args, kwargs)
-            self._layouts.add(shapes)
+        if _data_shapes(dynamic, spec) not in self._layouts:
+            self._setup(jax.random.PRNGKey(0), args, kwargs)
         return dynamic, spec
+
+    def _setup(self, rng_key, args, kwargs):
+        """``guide.setup`` on these data (validates them), remembering their shapes."""
+        target = self.guide.setup(rng_key, args, kwargs)
+        self._layouts.add(_data_shapes(*_split_data(args, kwargs)))
+        return target
 
     def get_params(self, state: NGVIState) -> Any:
         """The averaged parameters (the fit to report)."""
@@ -422,8 +425,7 @@ class NGVI:
     def _start(self, rng_key, num_steps, args, kwargs, init_state, checkpoint):
         """The state to start from and the step to stop at (see ``run``)."""
         if init_state is not None:
-            self.guide.setup(jax.random.PRNGKey(0), args, kwargs)
-            self._layouts.add(_data_shapes(*_split_data(args, kwargs)))
+            self._setup(jax.random.PRNGKey(0), args, kwargs)
             return init_state, init_state.step + num_steps
         state = self.init(rng_key, *args, **kwargs)
         if checkpoint is None:
