@@ -98,6 +98,19 @@ class Guide:
     def entropy(self, params: dict) -> jax.Array:
         raise NotImplementedError
 
+    def value_and_grad(
+        self, loss_and_logp: Callable, params: dict, step, ctx
+    ) -> tuple[tuple[jax.Array, jax.Array], dict, Any]:
+        """``((loss, log p per particle), grad loss, curvature)`` for the engine's step.
+
+        The default is autodiff of the engine's ``loss_and_logp(params)`` and no curvature
+        (``None``). A guide whose curvature estimate needs quantities of the same forward pass
+        (K-FAC: layer inputs, pre-activation gradients) overrides this to compute the loss, its
+        gradient and those statistics from one forward pass; the engine hands the third item to
+        ``natural_step`` as ``ctx.curvature``."""
+        (loss, logp), grad = jax.value_and_grad(loss_and_logp, has_aux=True)(params)
+        return (loss, logp), grad, None
+
     def natural_step(self, params: dict, grad: dict, lr, damping, step, ctx=None) -> dict:
         """New parameters after one damped natural step on the loss -ELBO with gradient ``grad``.
 

@@ -68,6 +68,7 @@ class StepContext(NamedTuple):
     model_key: Any  # key for the model's own randomness (subsampling), or None
     loss_fn: Callable  # params -> -ELBO on this noise and minibatch
     rng_key: Any = None  # a fresh key for the guide's own randomness (e.g. sampled targets)
+    curvature: Any = None  # what the guide's ``value_and_grad`` computed beside the gradient
 
 
 class NGVIRunResult(NamedTuple):
@@ -184,8 +185,11 @@ class NGVI:
         model_key = k_model if self.guide.target.has_subsample else None
         loss_and_logp = lambda p: self._neg_elbo_and_logp(p, eps, data, model_key)
         loss_fn = lambda p: loss_and_logp(p)[0]
-        (loss, logp), grad = jax.value_and_grad(loss_and_logp, has_aux=True)(state.params)
         ctx = StepContext(eps, data, model_key, loss_fn, k_guide)
+        (loss, logp), grad, curvature = self.guide.value_and_grad(
+            loss_and_logp, state.params, state.step, ctx
+        )
+        ctx = ctx._replace(curvature=curvature)
         proposal = self.guide.natural_step(
             state.params, grad, self.lr, state.damping, state.step, ctx
         )

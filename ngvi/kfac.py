@@ -21,16 +21,18 @@ row-major vectorisation ``kron(A, G)^-1 vec(V) = vec(A^-1 V G^-1)``),
 where ``damping`` is the engine's Levenberg-Marquardt damping, Marquardt-scaled as in
 ``MeanFieldGaussian`` (``(F + damping F)^-1``: Tikhonov damping in the whitened coordinates of
 the current curvature). Because the damping only scales the step, the damped factors need no
-refactorization when it changes: they are inverted every ``inverse_every`` steps by a
-warm-started Newton-Schulz iteration (``ngvi.curvature.spd_inverse``; matmuls only) and reused
-in between (Martens & Grosse 2015, sec. 8). The running factors ``A``, ``G`` (decay
-``stat_decay``) are updated every ``stats_every`` steps; each update costs one forward and one
-backward pass of the model on the minibatch for the sampled targets. The covariance is stored as
-lower-triangular roots ``S_A = chol(Sigma_in)``, ``S_G = chol(Sigma_out)``, ``W = M + S_A E
-S_G^T``: sampling is two matmuls, the entropy ``O(n + m)``, and every leaf stays valid under the
-engine's iterate averaging (a convex combination of lower-triangular factors with positive
-diagonal is one). At a refresh the roots move a fraction ``1 / (1 + damping)`` toward their new
-value (a rejected step, which raises the damping, shrinks the move). All carried statistics live
+refactorization when it changes: they are inverted (``ngvi.curvature.spd_inverse``, a Cholesky
+and a triangular solve) every ``inverse_every`` steps and reused in between (Martens & Grosse
+2015, sec. 8), except while the running factors are young (their first ``1 / stat_decay``
+updates), when every update is inverted. The running factors ``A``, ``G`` (decay
+``stat_decay``) are updated every ``stats_every`` steps from the engine's own forward pass
+(``value_and_grad``): an update costs one more backward pass, for the sampled targets. The
+covariance is stored as lower-triangular roots ``S_A = chol(Sigma_in)``,
+``S_G = chol(Sigma_out)``, ``W = M + S_A E S_G^T``: sampling is two matmuls, the entropy
+``O(n + m)``, and every leaf stays valid under the engine's iterate averaging (a convex
+combination of lower-triangular factors with positive diagonal is one). At a refresh the roots
+move a fraction ``1 / (1 + damping)`` toward their new value (a rejected step, which raises the
+damping, shrinks the move). All carried statistics live
 in ``params`` behind ``stop_gradient``; the weight noise is resampled every step (per minibatch).
 
 **True vs empirical Fisher.** ``fisher="true"`` (default) takes ``g`` with targets drawn from
@@ -68,12 +70,13 @@ from ngvi.curvature import (
     layer_fisher_stats,
     layer_gradients,
     matrix_normal_kl,
+    preactivation_zeros,
     spd_inverse,
     tri_logdet,
 )
 from ngvi.errors import ConfigError
 from ngvi.guides import Guide, MeanFieldGaussian
-from ngvi.nn import Layer, fast_target, find_layers
+from ngvi.nn import FisherLogLik, Layer, LayerTap, fast_target, find_layers
 from ngvi.target import Target
 
 __all__ = [
@@ -100,9 +103,10 @@ class KFACGuide(Guide):
     :param structure: ``"kfac"`` (default) or ``"diagonal"`` (one Fisher entry per weight).
     :param fisher: ``"true"`` (targets from the model's predictive, default) or ``"empirical"``.
     :param inverse_every: steps between inversions of the damped ``A``, ``G`` (and covariance
-        refreshes); a rejected refresh is retried on the next step.
-    :param stats_every: steps between updates of the running ``A``, ``G`` (each one a forward and
-        a backward pass of the model for the sampled targets).
+        refreshes) once the running factors have seen ``1 / stat_decay`` updates (before, every
+        update is inverted); a rejected refresh is retried on the next step.
+    :param stats_every: steps between updates of the running ``A``, ``G`` (each one more
+        backward pass of the model, for the sampled targets).
     :param stat_decay: weight of a new minibatch in the running ``A``, ``G`` (the first updates
         average uniformly: ``beta_k = max(1 / (k + 1), stat_decay)``).
     :param num_data: ``N``; default the observations' count times their scale (N/B * B).
@@ -255,14 +259,58 @@ class KFACGuide(Guide):
         return _GuideDistribution(self, params)
 
     # -- curvature ----------------------------------------------------------------------------
+    def value_and_grad(self, loss_and_logp, params: dict, step, ctx):
+        """The engine's ``((-ELBO, log p per particle), grad)`` and, on a statistics step, the
+        layer inputs and sampled-target pre-activation gradients of ``batch_grads``, from one
+        forward pass: the first particle's log density runs through ``LayerTap`` (inputs, a zero
+        perturbation ``delta`` on each pre-activation) and ``FisherLogLik`` (the log-likelihood
+        ``l~`` at the Fisher targets), and one ``vjp`` of ``(-ELBO, l~)`` with respect to
+        ``(params, delta)`` gives ``grad -ELBO`` (cotangent ``(1, 0)``) and ``d l~ / d s``
+        (cotangent ``(0, 1)``, a second backward pass, skipped between statistics steps). The
+        separate ``batch_grads`` would cost another forward and backward pass."""
+        args, kwargs = ctx.data
+        step = jnp.asarray(step)
+        do_stats = (step - params["stat_step"]) >= self.stats_every
+        key = self._stats_key(ctx, step)
+        fisher_key = jax.random.fold_in(key, 1) if self.fisher == "true" else None
+        target = self.target
+        delta0 = preactivation_zeros(
+            self.model,
+            lambda m: target._replace(model=m).log_density(
+                target.init_z.astype(ctx.eps.dtype), args, kwargs, ctx.model_key
+            ),
+            tuple(L.name for L in self.layers),
+            ctx.eps.dtype,
+        )
+
+        def f(p, delta):
+            z = self.reparam(p, ctx.eps)
+            fisher = FisherLogLik(self.model, fisher_key)
+            tap = LayerTap(fisher, delta=delta)
+            logp0 = target._replace(model=tap).log_density(z[0], args, kwargs, ctx.model_key)
+            rest = jax.vmap(lambda zi: target.log_density(zi, args, kwargs, ctx.model_key))
+            logp = jnp.concatenate([logp0[None], rest(z[1:])]) if z.shape[0] > 1 else logp0[None]
+            loss = -(jnp.mean(logp) + self.entropy(p))
+            return (loss, fisher.value), (logp, tap.inputs)
+
+        (loss, _), vjp_fn, (logp, inputs) = jax.vjp(f, params, delta0, has_aux=True)
+        one, zero = jnp.ones_like(loss), jnp.zeros_like(loss)
+        grad = vjp_fn((one, zero))[0]
+        zeros = jax.tree.map(jnp.zeros_like, delta0)
+        grads = _every(self.stats_every, do_stats, lambda: vjp_fn((zero, one))[1], zeros)
+        return (loss, logp), grad, (inputs, grads)
+
+    def _stats_key(self, ctx, step) -> jax.Array:
+        if ctx.rng_key is not None:
+            return ctx.rng_key
+        return jax.random.fold_in(jax.random.PRNGKey(self.init_seed + 1), step)
+
     def batch_grads(self, params: dict, ctx, step) -> tuple[dict, dict]:
         """Layer inputs and per-example log-likelihood gradients w.r.t. pre-activations for one
         weight sample (``ctx.eps[0]``, the engine's first particle) on the step's minibatch
         (``ctx.model_key`` reproduces the engine's subsample); ``ngvi.curvature``'s
         ``layer_gradients``, with the targets resampled from the model for the true Fisher."""
-        key = ctx.rng_key
-        if key is None:
-            key = jax.random.fold_in(jax.random.PRNGKey(self.init_seed + 1), step)
+        key = self._stats_key(ctx, step)
         mkey = key if ctx.model_key is None else ctx.model_key
         values = self.constrain(sg(self._reparam_one(params, ctx.eps[0]))[None])
         values = {k: v[0] for k, v in values.items()}
@@ -272,7 +320,10 @@ class KFACGuide(Guide):
 
     def _update_stats(self, params: dict, ctx, step) -> dict:
         """Fold this minibatch's Fisher statistics into the running ``A``, ``G`` (or ``F``)."""
-        inputs, grads = self.batch_grads(params, ctx, step)
+        if ctx.curvature is not None:  # computed with the loss (``value_and_grad``)
+            inputs, grads = ctx.curvature
+        else:
+            inputs, grads = self.batch_grads(params, ctx, step)
         beta = jnp.maximum(1.0 / (params["stat_count"] + 1.0), self.stat_decay)
         new = {"stat_step": step.astype(params["stat_step"].dtype)}
         new["stat_count"] = params["stat_count"] + 1.0
@@ -299,13 +350,29 @@ class KFACGuide(Guide):
             f"{L.name}:{k}" for L in self.layers for k in (("F",) if self.diagonal else "AG")
         ]
         old = {k: params[k] for k in keys}
-        new.update(lax.cond(do_stats, lambda: self._update_stats(params, ctx, step), lambda: old))
-        redo = (step - params["inv_step"]) >= self.inverse_every
+        new.update(
+            _every(self.stats_every, do_stats, lambda: self._update_stats(params, ctx, step), old)
+        )
+        # invert at every statistics update while the running factors are young (their first
+        # 1 / stat_decay updates, each moving them by 1/k): stale inverses in that phase made
+        # the first steps overshoot (on the digits BNN 5 of the first 7 steps were rejected)
+        young = new["stat_count"] * self.stat_decay <= 1.0
+        redo = ((step - params["inv_step"]) >= self.inverse_every) | (do_stats & young)
         new["inv_step"] = jnp.where(redo, step, params["inv_step"]).astype(params["inv_step"].dtype)
         t = 1.0 / (1.0 + damping)  # trust region on the covariance too: a rejected step shrinks it
-        for L in self.layers:
-            step_fn = self._diag_step if self.diagonal else self._kfac_step
-            new.update(step_fn(L, new, grad[f"{L.name}:M"], lr, t, redo))
+        if self.diagonal:
+            for L in self.layers:
+                new.update(self._diag_step(L, new, grad[f"{L.name}:M"], lr, t))
+        else:  # one conditional refresh for all layers
+            kept = {f"{L.name}:{k}": new[f"{L.name}:{k}"] for L in self.layers for k in _ROOTS}
+            refresh = lambda: {
+                k: v for L in self.layers for k, v in self._refresh(L, new, t).items()
+            }
+            new.update(_every(self.inverse_every, redo, refresh, kept))
+            for L in self.layers:
+                n = L.name
+                step_M = kfac_precondition(grad[f"{n}:M"], new[f"{n}:iA"], new[f"{n}:iG"])
+                new[f"{n}:M"] = new[f"{n}:M"] - (lr * t / self.num_data) * step_M
         if self._mf_idx.size:
             mf = {"loc": params["mf:loc"], "scale": params["mf:scale"]}
             g = {"loc": grad["mf:loc"], "scale": grad["mf:scale"]}
@@ -313,30 +380,23 @@ class KFACGuide(Guide):
             new["mf:loc"], new["mf:scale"] = out["loc"], out["scale"]
         return new
 
-    def _kfac_step(self, L, p, gM, lr, t, redo) -> dict:
-        """``p`` holds this step's running factors; refresh the inverses and roots if ``redo``."""
+    def _refresh(self, L, p, t) -> dict:
+        """Invert the layer's damped running factors (warm-started at the last inverses) and move
+        the covariance roots a fraction ``t`` toward ``chol((N PA)^-1)``, ``chol(PG^-1)``."""
         n = L.name
         N, gamma = self.num_data, L.prior_prec / self.num_data
+        PA, PG = damped_factors(p[f"{n}:A"], p[f"{n}:G"], gamma)
+        iA, iG = spd_inverse(PA), spd_inverse(PG)
+        SA = jnp.linalg.cholesky(iA) / math.sqrt(N)
+        SG = jnp.linalg.cholesky(iG)
+        return {
+            f"{n}:iA": iA,
+            f"{n}:iG": iG,
+            f"{n}:SA": p[f"{n}:SA"] + t * (SA - p[f"{n}:SA"]),
+            f"{n}:SG": p[f"{n}:SG"] + t * (SG - p[f"{n}:SG"]),
+        }
 
-        def refresh():
-            PA, PG = damped_factors(p[f"{n}:A"], p[f"{n}:G"], gamma)
-            iA, iG = spd_inverse(PA, p[f"{n}:iA"]), spd_inverse(PG, p[f"{n}:iG"])
-            # covariance (N PA)^-1 (x) PG^-1: lower Cholesky roots of the inverses
-            SA = jnp.linalg.cholesky(iA) / math.sqrt(N)
-            SG = jnp.linalg.cholesky(iG)
-            return (
-                iA,
-                iG,
-                p[f"{n}:SA"] + t * (SA - p[f"{n}:SA"]),
-                p[f"{n}:SG"] + t * (SG - p[f"{n}:SG"]),
-            )
-
-        keep = lambda: (p[f"{n}:iA"], p[f"{n}:iG"], p[f"{n}:SA"], p[f"{n}:SG"])
-        iA, iG, SA, SG = lax.cond(redo, refresh, keep)
-        M = p[f"{n}:M"] - (lr * t / N) * kfac_precondition(gM, iA, iG)
-        return {f"{n}:M": M, f"{n}:iA": iA, f"{n}:iG": iG, f"{n}:SA": SA, f"{n}:SG": SG}
-
-    def _diag_step(self, L, p, gM, lr, t, redo) -> dict:
+    def _diag_step(self, L, p, gM, lr, t) -> dict:
         n = L.name
         prec = self.num_data * p[f"{n}:F"] + L.prior_prec  # posterior precision per weight
         std = p[f"{n}:std"] + t * (prec**-0.5 - p[f"{n}:std"])
@@ -361,6 +421,15 @@ class KFACGuide(Guide):
             mf = lambda d: {"loc": d["mf:loc"], "scale": d["mf:scale"]}
             total = total + self._mf.kl(mf(p), mf(q))
         return total
+
+
+_ROOTS = ("iA", "iG", "SA", "SG")
+
+
+def _every(period: int, due, fn: Callable, kept):
+    """``fn()`` if ``due`` else ``kept``; with ``period == 1`` always ``fn()``, with no
+    conditional (on XLA's CPU backend a ``lax.cond`` costs microseconds even when cheap)."""
+    return fn() if period == 1 else lax.cond(due, fn, lambda: kept)
 
 
 class _GuideDistribution(dist.Distribution):

@@ -50,7 +50,7 @@ __all__ = [
     "LAYER",
     "LayerTap",
     "Metrics",
-    "ObservationResampler",
+    "FisherLogLik",
     "dense",
     "evaluate_bnn",
     "expected_calibration_error",
@@ -146,21 +146,30 @@ class LayerTap(Messenger):
             msg["value"] = s + self.delta[name]
 
 
-class ObservationResampler(Messenger):
-    """Replace every observed value by a draw from its own likelihood, ``y~ ~ p(y | x, w)``
-    (held constant under differentiation): the targets of the *true* Fisher."""
+class FisherLogLik(Messenger):
+    """Accumulate in ``self.value`` the log-likelihood of every observed site (not ``factor``
+    terms; unscaled: per example, not times N / B) at the targets of a Fisher estimate: draws
+    from the site's own distribution ``y~ ~ p(y | x, w)``, held constant under differentiation,
+    with ``rng_key`` (the *true* Fisher; the ``k``-th observed site uses ``fold_in(rng_key, k)``),
+    or the observed values with ``rng_key=None`` (the *empirical* Fisher). The values the model
+    is scored on are unchanged, so one forward pass serves the ELBO and the Fisher targets."""
 
     def __init__(self, fn: Callable | None = None, rng_key: jax.Array | None = None):
         self.rng_key = rng_key
         self._count = 0
+        self.value = jnp.zeros(())
         super().__init__(fn)
 
     def process_message(self, msg) -> None:
         if msg["type"] != "sample" or not msg.get("is_observed", False):
             return
-        key = jax.random.fold_in(self.rng_key, self._count)
-        self._count += 1
-        msg["value"] = jax.lax.stop_gradient(msg["fn"].sample(key))
+        if isinstance(msg["fn"], dist.distribution.Unit):  # a numpyro.factor, not data
+            return
+        fn, y = msg["fn"], msg["value"]
+        if self.rng_key is not None:
+            y = jax.lax.stop_gradient(fn.sample(jax.random.fold_in(self.rng_key, self._count)))
+            self._count += 1
+        self.value = self.value + jnp.sum(fn.log_prob(y))
 
 
 def layer_markers(trace: dict) -> dict:
