@@ -46,6 +46,7 @@ def test_compare_on_a_conjugate_model_ngvi_reaches_the_optimum_first():
     assert "ngvi" in format_table(rows)
 
 
+@pytest.mark.slow  # 21 s, the slowest default test; the default run was 8:47 of its 10 minutes
 def test_compare_with_nuts_on_a_conjugate_model_reports_small_errors():
     model, args, kwargs = models.load("normal_normal")
     table, extras = compare(
