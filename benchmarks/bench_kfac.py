@@ -101,17 +101,18 @@ def classifier(epochs: int, batch_size: int, repeats: int) -> dict:
     engines["map_adam"] = SVI(m, AutoDelta(m, init_loc_fn=init), adam, Trace_ELBO())
     rows = {}
     idx = jnp.stack(list(minibatches(X.shape[0], batch_size, np.random.default_rng(0))))
+    train = lambda engine, n: fit_bnn(
+        engine,
+        X,
+        kw["y"],
+        epochs=n,
+        batch_size=batch_size,
+        eval_data=(Xt, kt["y"]),
+        eval_every=n,
+        progress_bar=False,
+    )
     for name, engine in engines.items():
-        r = fit_bnn(
-            engine,
-            X,
-            kw["y"],
-            epochs=epochs,
-            batch_size=batch_size,
-            eval_data=(Xt, kt["y"]),
-            eval_every=epochs,
-            progress_bar=False,
-        )
+        r = train(engine, epochs)
         met = r.history[-1]
         times = _repeat_epoch(engine, r.state, X, kw["y"], idx, repeats)
         rows[name] = {
@@ -135,16 +136,7 @@ def classifier(epochs: int, batch_size: int, repeats: int) -> dict:
     budget = epochs * rows["kfac_ngvi"]["epoch_s"] / rows["advi"]["epoch_s"]
     advi_epochs = max(epochs, round(budget))
     svi = SVI(m, AutoNormal(m, init_loc_fn=init), adam, Trace_ELBO())
-    r = fit_bnn(
-        svi,
-        X,
-        kw["y"],
-        epochs=advi_epochs,
-        batch_size=batch_size,
-        eval_data=(Xt, kt["y"]),
-        eval_every=advi_epochs,
-        progress_bar=False,
-    )
+    r = train(svi, advi_epochs)
     met = r.history[-1]
     rows["advi_same_time"] = {
         "epochs": advi_epochs,
