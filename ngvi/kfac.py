@@ -381,8 +381,8 @@ class KFACGuide(Guide):
         return new
 
     def _refresh(self, L, p, t) -> dict:
-        """Invert the layer's damped running factors (warm-started at the last inverses) and move
-        the covariance roots a fraction ``t`` toward ``chol((N PA)^-1)``, ``chol(PG^-1)``."""
+        """Invert the layer's damped running factors (``spd_inverse``) and move the covariance
+        roots a fraction ``t`` toward ``chol((N PA)^-1)``, ``chol(PG^-1)``."""
         n = L.name
         N, gamma = self.num_data, L.prior_prec / self.num_data
         PA, PG = damped_factors(p[f"{n}:A"], p[f"{n}:G"], gamma)
@@ -427,8 +427,8 @@ _ROOTS = ("iA", "iG", "SA", "SG")
 
 
 def _every(period: int, due, fn: Callable, kept):
-    """``fn()`` if ``due`` else ``kept``; with ``period == 1`` always ``fn()``, with no
-    conditional (on XLA's CPU backend a ``lax.cond`` costs microseconds even when cheap)."""
+    """``fn()`` if ``due`` else ``kept``; with ``period == 1`` (always due) ``fn()`` with no
+    ``lax.cond`` around it."""
     return fn() if period == 1 else lax.cond(due, fn, lambda: kept)
 
 
