@@ -13,8 +13,9 @@ from their Cholesky factors, so that the Kronecker-factored inverse
 Cost of a 65x65 float32 factor on XLA's CPU backend (jitted, 2 idle cores, measured in a loop):
 Cholesky 19 us, a triangular solve 46 us, a 65x65 matmul 17 us, LU inverse 81 us, ``eigh``
 534 us; a Newton-Schulz iteration ``X <- X (2 I - P X)`` took 110 us warm-started from the last
-inverse and 519 us cold, so ``spd_inverse`` is a Cholesky and one triangular solve. (An earlier
-version used Newton-Schulz on the strength of a measurement -- LU 60 ms -- that did not hold up.)
+inverse and 519 us cold, so ``spd_inverse_root`` is a Cholesky and one triangular solve, which
+also give the covariance root without a second Cholesky. (An earlier version used Newton-Schulz
+on the strength of a measurement -- LU 60 ms -- that did not hold up.)
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = [
     "pi_correction",
     "preactivation_zeros",
     "spd_inverse",
+    "spd_inverse_root",
     "tri_logdet",
 ]
 
@@ -68,13 +70,23 @@ def damped_factors(A: jax.Array, G: jax.Array, gamma) -> tuple[jax.Array, jax.Ar
     return A + pi * c * eye(A.shape[0]), G + c / pi * eye(G.shape[0])
 
 
+def spd_inverse_root(P: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(P^-1, R)`` for a symmetric positive-definite ``P``, with ``R`` the lower-triangular
+    Cholesky factor of ``P^-1`` (``R R^T = P^-1``, positive diagonal), from one Cholesky and one
+    triangular solve: with ``J`` the exchange matrix (index reversal), ``J P J = L L^T`` gives
+    ``P^-1 = J L^-T L^-1 J = R R^T`` for ``R = J L^-T J``, lower triangular because ``L^-T`` is
+    upper triangular. (``chol(P^-1)`` directly would need a second Cholesky.) NaN if ``P`` is
+    not numerically positive definite (the engine then rejects the step)."""
+    n = P.shape[0]
+    L = jnp.linalg.cholesky(P[::-1, ::-1])
+    Li = jax.scipy.linalg.solve_triangular(L, jnp.eye(n, dtype=P.dtype), lower=True)
+    R = Li.T[::-1, ::-1]
+    return R @ R.T, R
+
+
 def spd_inverse(P: jax.Array) -> jax.Array:
-    """``P^-1`` for a symmetric positive-definite ``P``: ``P = L L^T``, ``P^-1 = L^-T L^-1``
-    (one Cholesky and one triangular solve). NaN if ``P`` is not numerically positive
-    definite (the engine then rejects the step)."""
-    L = jnp.linalg.cholesky(P)
-    Li = jax.scipy.linalg.solve_triangular(L, jnp.eye(P.shape[0], dtype=P.dtype), lower=True)
-    return Li.T @ Li
+    """``P^-1`` for a symmetric positive-definite ``P`` (``spd_inverse_root``'s first item)."""
+    return spd_inverse_root(P)[0]
 
 
 def kfac_precondition(V: jax.Array, iA: jax.Array, iG: jax.Array) -> jax.Array:

@@ -111,6 +111,13 @@ class Guide:
         (loss, logp), grad = jax.value_and_grad(loss_and_logp, has_aux=True)(params)
         return (loss, logp), grad, None
 
+    def reparam_proposal(self, params: dict, proposal: dict, eps: jax.Array, ctx) -> jax.Array:
+        """``reparam(proposal, eps)``, the samples the engine's accept test scores the proposal
+        on (the step's noise: common random numbers). A guide may reuse what the gradient pass
+        computed (``ctx.curvature``) when it is unchanged by the step (K-FAC: the weight
+        perturbations between refreshes); the result must equal ``reparam(proposal, eps)``."""
+        return self.reparam(proposal, eps)
+
     def natural_step(self, params: dict, grad: dict, lr, damping, step, ctx=None) -> dict:
         """New parameters after one damped natural step on the loss -ELBO with gradient ``grad``.
 

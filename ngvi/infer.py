@@ -165,12 +165,12 @@ class NGVI:
             params, params, jnp.asarray(self.damping, params_dtype(params)), key_run, i0, i0, i0, i0
         )
 
-    def _neg_elbo_and_logp(self, params, eps, data, model_key):
+    def _neg_elbo_and_logp(self, params, eps, data, model_key, z=None):
         """(-ELBO, log p(x, z_k) per particle) with -ELBO = -(mean_k log p(x, z_k) + H[q]) and
-        z_k the reparameterized samples."""
+        z_k the reparameterized samples (``z`` if given: ``guide.reparam(params, eps)``)."""
         args, kwargs = data
         target = self.guide.target
-        z = self.guide.reparam(params, eps)
+        z = self.guide.reparam(params, eps) if z is None else z
         logp = jax.vmap(lambda zi: target.log_density(zi, args, kwargs, model_key))(z)
         return -(jnp.mean(logp) + self.guide.entropy(params)), logp
 
@@ -195,7 +195,8 @@ class NGVI:
         )
         full_step = jax.tree.map(jnp.subtract, proposal, state.params)
         proposal, frac = self._trust_region(state.params, proposal, full_step)
-        new_loss, new_logp = loss_and_logp(proposal)
+        z_new = self.guide.reparam_proposal(state.params, proposal, eps, ctx)
+        new_loss, new_logp = self._neg_elbo_and_logp(proposal, eps, data, model_key, z_new)
         actual = loss - new_loss
         # A guide whose step is a descent step on this common-random-numbers loss (VON, K-FAC)
         # is judged by the loss itself. One whose direction comes from another estimator

@@ -21,19 +21,20 @@ row-major vectorisation ``kron(A, G)^-1 vec(V) = vec(A^-1 V G^-1)``),
 where ``damping`` is the engine's Levenberg-Marquardt damping, Marquardt-scaled as in
 ``MeanFieldGaussian`` (``(F + damping F)^-1``: Tikhonov damping in the whitened coordinates of
 the current curvature). Because the damping only scales the step, the damped factors need no
-refactorization when it changes: they are inverted (``ngvi.curvature.spd_inverse``, a Cholesky
-and a triangular solve) every ``inverse_every`` steps and reused in between (Martens & Grosse
-2015, sec. 8), except while the running factors are young (their first ``1 / stat_decay``
+refactorization when it changes: they are inverted (``ngvi.curvature.spd_inverse_root``, a
+Cholesky and a triangular solve) every ``inverse_every`` steps and reused in between (Martens &
+Grosse 2015, sec. 8), except while the running factors are young (their first ``1 / stat_decay``
 updates), when every update is inverted. The running factors ``A``, ``G`` (decay
 ``stat_decay``) are updated every ``stats_every`` steps from the engine's own forward pass
 (``value_and_grad``): an update costs one more backward pass, for the sampled targets. The
 covariance is stored as lower-triangular roots ``S_A = chol(Sigma_in)``,
-``S_G = chol(Sigma_out)``, ``W = M + S_A E S_G^T``: sampling is two matmuls, the entropy
-``O(n + m)``, and every leaf stays valid under the engine's iterate averaging (a convex
-combination of lower-triangular factors with positive diagonal is one). At a refresh the roots
-move a fraction ``1 / (1 + damping)`` toward their new value (a rejected step, which raises the
-damping, shrinks the move). All carried statistics live
-in ``params`` behind ``stop_gradient``; the weight noise is resampled every step (per minibatch).
+``S_G = chol(Sigma_out)``, ``W = M + S_A E S_G^T``: sampling is two matmuls (reused by the
+engine's accept test between refreshes), the entropy ``O(n + m)``, and the roots stay valid under
+the engine's iterate averaging (a convex combination of lower-triangular factors with positive
+diagonal is one; only the distribution is averaged, not the running statistics). At a refresh
+the roots move a fraction ``1 / (1 + damping)`` toward their new value (a rejected step, which
+raises the damping, shrinks the move). All carried statistics live in ``params`` behind
+``stop_gradient``; the weight noise is resampled every step (per minibatch).
 
 **True vs empirical Fisher.** ``fisher="true"`` (default) takes ``g`` with targets drawn from
 the model's own predictive ``y~ ~ p(y | x, W)``: ``E[g g^T]`` is then the Fisher information, a
@@ -71,7 +72,7 @@ from ngvi.curvature import (
     layer_gradients,
     matrix_normal_kl,
     preactivation_zeros,
-    spd_inverse,
+    spd_inverse_root,
     tri_logdet,
 )
 from ngvi.errors import ConfigError
@@ -219,10 +220,17 @@ class KFACGuide(Guide):
             return sg(params[f"{L.name}:std"]) * E
         return sg(params[f"{L.name}:SA"]) @ E @ sg(params[f"{L.name}:SG"]).T
 
-    def _reparam_one(self, params: dict, e: jax.Array) -> jax.Array:
+    def _noise_terms(self, params: dict, e: jax.Array) -> dict:
+        """Each layer's weight perturbation ``W - M`` for one noise vector ``e``."""
+        return {L.name: self._layer_noise(params, L, self._layer_matrix(e, L)) for L in self.layers}
+
+    def _reparam_one(self, params: dict, e: jax.Array, noise: dict | None = None) -> jax.Array:
+        """The flat latent vector ``M + noise`` per layer (``noise`` default from ``e``) and the
+        mean-field part."""
+        noise = self._noise_terms(params, e) if noise is None else noise
         pieces = {}
         for L in self.layers:
-            W = params[f"{L.name}:M"] + self._layer_noise(params, L, self._layer_matrix(e, L))
+            W = params[f"{L.name}:M"] + noise[L.name]
             n_w = L.w.shape[0]
             pieces[L.w.name] = W[:n_w].ravel()
             if L.b is not None:
@@ -283,8 +291,12 @@ class KFACGuide(Guide):
             ctx.eps.dtype,
         )
 
+        # the weight perturbations S_A E S_G^T (no gradient: the covariance is not learned by
+        # gradient) are kept for the engine's accept test (``reparam_proposal``)
+        noise = jax.vmap(partial(self._noise_terms, params))(ctx.eps)
+
         def f(p, delta):
-            z = self.reparam(p, ctx.eps)
+            z = jax.vmap(partial(self._reparam_one, p))(ctx.eps, noise)
             fisher = FisherLogLik(self.model, fisher_key)
             tap = LayerTap(fisher, delta=delta)
             logp0 = target._replace(model=tap).log_density(z[0], args, kwargs, ctx.model_key)
@@ -298,7 +310,29 @@ class KFACGuide(Guide):
         grad = vjp_fn((one, zero))[0]
         zeros = jax.tree.map(jnp.zeros_like, delta0)
         grads = _every(self.stats_every, do_stats, lambda: vjp_fn((zero, one))[1], zeros)
-        return (loss, logp), grad, (inputs, grads)
+        return (loss, logp), grad, (inputs, grads, noise)
+
+    def reparam_proposal(self, params: dict, proposal: dict, eps: jax.Array, ctx) -> jax.Array:
+        """The engine's samples at ``proposal`` on the step's noise. Between refreshes the
+        covariance roots are unchanged, so ``W' = M' + S_A E S_G^T`` reuses the gradient pass's
+        perturbations (``ctx.curvature``) instead of two more matmuls per layer (of ``O(n_in^2
+        out + n_in out^2)``, most of a step on a wide layer); checked by exact equality of the
+        roots, so a refresh (or a trust-region cut of one) samples afresh."""
+        fresh = lambda: self.reparam(proposal, eps)
+        if self.diagonal or ctx is None or ctx.curvature is None:
+            return fresh()
+        noise = ctx.curvature[2]
+        roots = [f"{L.name}:{k}" for L in self.layers for k in ("SA", "SG")]
+        same = jnp.all(jnp.stack([jnp.all(proposal[k] == params[k]) for k in roots]))
+        reuse = lambda: jax.vmap(partial(self._reparam_one, proposal))(eps, noise)
+        return lax.cond(same, reuse, fresh)
+
+    def average(self, avg: dict, params: dict, w) -> dict:
+        """Iterate-average the distribution only (means, covariance roots or standard deviations,
+        the mean-field part); the running statistics, their inverses and the counters are not
+        part of ``q`` and take their current value (no elementwise pass over them per step)."""
+        dist_key = lambda k: k.endswith((":M", ":SA", ":SG", ":std")) or k.startswith("mf:")
+        return {k: a + w * (params[k] - a) if dist_key(k) else params[k] for k, a in avg.items()}
 
     def _stats_key(self, ctx, step) -> jax.Array:
         if ctx.rng_key is not None:
@@ -321,7 +355,7 @@ class KFACGuide(Guide):
     def _update_stats(self, params: dict, ctx, step) -> dict:
         """Fold this minibatch's Fisher statistics into the running ``A``, ``G`` (or ``F``)."""
         if ctx.curvature is not None:  # computed with the loss (``value_and_grad``)
-            inputs, grads = ctx.curvature
+            inputs, grads = ctx.curvature[:2]
         else:
             inputs, grads = self.batch_grads(params, ctx, step)
         beta = jnp.maximum(1.0 / (params["stat_count"] + 1.0), self.stat_decay)
@@ -381,14 +415,14 @@ class KFACGuide(Guide):
         return new
 
     def _refresh(self, L, p, t) -> dict:
-        """Invert the layer's damped running factors (``spd_inverse``) and move the covariance
-        roots a fraction ``t`` toward ``chol((N PA)^-1)``, ``chol(PG^-1)``."""
+        """Invert the layer's damped running factors (``spd_inverse_root``: one Cholesky each,
+        for the inverse and its lower-triangular root) and move the covariance roots a fraction
+        ``t`` toward ``chol((N PA)^-1)``, ``chol(PG^-1)``."""
         n = L.name
         N, gamma = self.num_data, L.prior_prec / self.num_data
         PA, PG = damped_factors(p[f"{n}:A"], p[f"{n}:G"], gamma)
-        iA, iG = spd_inverse(PA), spd_inverse(PG)
-        SA = jnp.linalg.cholesky(iA) / math.sqrt(N)
-        SG = jnp.linalg.cholesky(iG)
+        (iA, RA), (iG, SG) = spd_inverse_root(PA), spd_inverse_root(PG)
+        SA = RA / math.sqrt(N)
         return {
             f"{n}:iA": iA,
             f"{n}:iG": iG,

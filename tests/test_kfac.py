@@ -15,7 +15,7 @@ from numpyro.infer.initialization import init_to_value
 
 import models
 import ngvi
-from ngvi.curvature import spd_inverse
+from ngvi.curvature import spd_inverse, spd_inverse_root
 from ngvi.infer import StepContext
 from ngvi.kfac import KFACGuide, bnn_engine, fit_bnn, kfac_precondition, layer_fisher_stats
 from ngvi.nn import dense
@@ -56,6 +56,20 @@ def test_spd_inverse_of_an_ill_conditioned_factor():
     assert not np.isfinite(np.asarray(spd_inverse(-jnp.eye(3)))).all()
 
 
+def test_one_cholesky_gives_the_inverse_and_its_lower_triangular_root():
+    """``spd_inverse_root`` (Cholesky of the index-reversed matrix, one triangular solve): the
+    root is lower triangular with a positive diagonal and equals ``chol(P^-1)``, the covariance
+    root a refresh needs, without a second Cholesky."""
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(100, 12)) * np.geomspace(1.0, 0.1, 12)
+    P = a.T @ a / 100 + 1e-2 * np.eye(12)
+    inv, R = jax.jit(spd_inverse_root)(jnp.asarray(P, jnp.float32))
+    R = np.asarray(R, np.float64)
+    assert np.all(np.triu(R, 1) == 0) and np.all(np.diag(R) > 0)
+    assert _rel(R, np.linalg.cholesky(np.linalg.inv(P))) < 1e-4
+    assert _rel(inv, np.linalg.inv(P)) < 1e-4
+
+
 def _tiny_regressor(X, y=None, batch_idx=None):
     """Two dense layers and a noise scale outside them (its ``log |J|`` is a ``factor``)."""
     xb, yb = X[batch_idx], y[batch_idx]
@@ -89,7 +103,7 @@ def test_one_pass_gradient_and_statistics_match_separate_passes(fisher):
     guide, params, loss_and_logp, ctx = _regressor_step_inputs(fisher)
     (loss0, logp0), grad0 = jax.jit(jax.value_and_grad(loss_and_logp, has_aux=True))(params)
     one_pass = jax.jit(lambda p: guide.value_and_grad(loss_and_logp, p, 0, ctx))
-    (loss, logp), grad, (inputs, grads) = one_pass(params)
+    (loss, logp), grad, (inputs, grads, _) = one_pass(params)
     assert abs(float(loss - loss0)) <= 1e-5 * abs(float(loss0))
     np.testing.assert_allclose(logp, logp0, rtol=1e-5)
     for k in grad0:
@@ -119,6 +133,50 @@ def test_factors_are_inverted_at_every_update_while_young():
         params = step(params, i)
         inverted.append(int(params["inv_step"]))
     assert inverted == [0, 1, 2, 3, 3, 3, 3, 3, 3]  # then the next one at step 13
+
+
+def test_accept_test_reuses_the_weight_perturbations_only_between_refreshes():
+    """The engine scores a proposal on the step's noise; between refreshes (covariance roots
+    unchanged) ``reparam_proposal`` reuses the gradient pass's ``S_A E S_G^T``, after a refresh it
+    samples afresh; both equal ``reparam(proposal, eps)``. Planted zero perturbations show which
+    branch ran."""
+    guide, params, loss_and_logp, ctx = _regressor_step_inputs("true")
+    guide.stat_decay = 1.0  # young only at the first update: step 0 refreshes, step 1 does not
+    vg = jax.jit(lambda p, i: guide.value_and_grad(loss_and_logp, p, i, ctx)[1:])
+    with_curv = lambda c: ctx._replace(curvature=c)
+    step = jax.jit(lambda p, g, i, c: guide.natural_step(p, g, 0.1, 0.0, i, with_curv(c)))
+    at = jax.jit(lambda p, q, c: guide.reparam_proposal(p, q, ctx.eps, with_curv(c)))
+    fresh = jax.jit(lambda q: guide.reparam(q, ctx.eps))
+    roots = [f"{L.name}:{k}" for L in guide.layers for k in ("SA", "SG")]
+    cases = []
+    for i in (0, 1):
+        grad, curv = vg(params, i)
+        new = step(params, grad, i, curv)
+        same = all(np.array_equal(new[k], params[k]) for k in roots)
+        planted = curv[:2] + (jax.tree.map(jnp.zeros_like, curv[2]),)
+        cases.append((same, at(params, new, curv), at(params, new, planted), fresh(new)))
+        params = new
+    assert [same for same, *_ in cases] == [False, True]  # a refresh, then none
+    for same, z, z_planted, z_fresh in cases:
+        np.testing.assert_allclose(z, z_fresh, rtol=1e-6, atol=1e-6)
+        assert np.allclose(z_planted, z_fresh, rtol=1e-6, atol=1e-6) is not same
+
+
+def test_only_the_distribution_is_iterate_averaged():
+    """``average`` moves the means and covariance roots (a valid matrix normal: the roots stay
+    lower triangular) and keeps the running statistics and their inverses current."""
+    guide, params, loss_and_logp, ctx = _regressor_step_inputs("true")
+    grad, curv = jax.jit(lambda p: guide.value_and_grad(loss_and_logp, p, 0, ctx)[1:])(params)
+    new = guide.natural_step(params, grad, 0.1, 0.0, 0, ctx._replace(curvature=curv))
+    avg = guide.average(params, new, 0.25)
+    for k in params:
+        if k.endswith((":M", ":SA", ":SG")) or k.startswith("mf:"):
+            np.testing.assert_allclose(avg[k], params[k] + 0.25 * (new[k] - params[k]), rtol=1e-6)
+        else:
+            np.testing.assert_array_equal(avg[k], new[k])
+    for L in guide.layers:
+        assert not np.array_equal(new[f"{L.name}:SA"], params[f"{L.name}:SA"])
+        assert np.all(np.triu(np.asarray(avg[f"{L.name}:SA"]), 1) == 0)
 
 
 def _zero_grad(p):
