@@ -43,6 +43,8 @@ from jax.scipy.optimize import minimize
 
 jax.config.update("jax_enable_x64", True)
 
+from timing import seconds  # noqa: E402
+
 import models  # noqa: E402
 import ngvi.families as fam  # noqa: E402
 from ngvi import NGVI  # noqa: E402
@@ -210,13 +212,7 @@ def _valid_params(family, batch: int, key):
 
 
 def _median_seconds(fn, *a, repeat: int = 50) -> float:
-    jax.block_until_ready(fn(*a))
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*a))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return float(np.median(seconds(fn, *a, repeats=repeat)))
 
 
 def family_step_costs(batch: int = 1000) -> dict:

@@ -38,6 +38,7 @@ from jax import lax
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoDelta, AutoNormal
 from numpyro.infer.initialization import init_to_value
+from timing import seconds
 
 import models
 from ngvi.bnn import _driver, _epoch_fn
@@ -55,20 +56,9 @@ def _means(guide: KFACGuide) -> dict:
     return out
 
 
-def _seconds(fn, *args, repeats: int) -> np.ndarray:
-    """Wall seconds of ``repeats`` calls of ``fn(*args)`` after one (compiling) call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return np.asarray(times)
-
-
 def _repeat_epoch(engine, state, X, y, idx, repeats: int) -> np.ndarray:
     """Seconds of ``repeats`` runs of the method's compiled epoch from ``state``."""
-    return _seconds(_epoch_fn(_driver(engine)[2]), state, X, y, idx, repeats=repeats)
+    return seconds(_epoch_fn(_driver(engine)[2]), state, X, y, idx, repeats=repeats)
 
 
 def _noise_epoch(d: int, steps: int, repeats: int) -> np.ndarray:
@@ -81,7 +71,7 @@ def _noise_epoch(d: int, steps: int, repeats: int) -> np.ndarray:
 
         return lax.scan(body, jnp.zeros(()), jnp.arange(steps))[0]
 
-    return _seconds(run, jax.random.PRNGKey(0), repeats=repeats)
+    return seconds(run, jax.random.PRNGKey(0), repeats=repeats)
 
 
 def classifier(epochs: int, batch_size: int, repeats: int, seeds: int) -> tuple[dict, dict]:
@@ -219,7 +209,7 @@ def _breakdown(guide, engine, state, X, y, B: int, repeats: int) -> dict:
     out = {}
     for name, (fn, q) in parts.items():
         args = (q, X, eps) + ((grad, curv) if name.startswith("natural") else ())
-        out[name] = 1e3 * float(np.min(_seconds(jax.jit(fn), *args, repeats=repeats)))
+        out[name] = 1e3 * float(np.min(seconds(jax.jit(fn), *args, repeats=repeats)))
     return out
 
 
