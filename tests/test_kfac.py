@@ -179,6 +179,23 @@ def test_only_the_distribution_is_iterate_averaged():
         assert np.all(np.triu(np.asarray(avg[f"{L.name}:SA"]), 1) == 0)
 
 
+def test_factor_statistics_on_a_subset_of_the_minibatch():
+    """``stats_batch=m`` folds ``A``, ``G`` of the minibatch's first ``m`` examples into the
+    running factors; ``None`` uses all of them."""
+    guide, params, loss_and_logp, ctx = _regressor_step_inputs("true")
+    curv = jax.jit(lambda p: guide.value_and_grad(loss_and_logp, p, 0, ctx)[2])(params)
+    ctx = ctx._replace(curvature=curv)
+    for m in (None, 3):
+        guide.stats_batch = m
+        new = guide._update_stats(params, ctx, jnp.asarray(0))
+        for L in guide.layers:
+            A, G = layer_fisher_stats(curv[0][L.name][:m], curv[1][L.name][:m], bias=True)
+            np.testing.assert_allclose(new[f"{L.name}:A"], A, rtol=1e-6)  # first update: beta 1
+            np.testing.assert_allclose(new[f"{L.name}:G"], G, rtol=1e-6)
+    A8 = layer_fisher_stats(curv[0]["hidden"], curv[1]["hidden"], bias=True)[0]
+    assert not np.allclose(new["hidden:A"], A8, rtol=1e-3)  # the subset is not the batch
+
+
 def _zero_grad(p):
     return jax.tree.map(jnp.zeros_like, p)
 

@@ -109,6 +109,7 @@ NAN, INF = float("nan"), float("inf")
         (KFACGuide, {"stat_decay": 0.0}, r"stat_decay must be in \(0, 1\]"),
         (KFACGuide, {"stat_decay": "fast"}, r"stat_decay must be in \(0, 1\]"),
         (KFACGuide, {"num_data": 0}, "num_data must be None or an integer >= 1"),
+        (KFACGuide, {"stats_batch": 0}, "stats_batch must be None or an integer >= 1"),
         *[
             (g, {"init_strategy": "median"}, "init_strategy must be None or a callable")
             for g in (MeanFieldGaussian, FullRankGaussian, ExpFamilyGuide, KFACGuide)
