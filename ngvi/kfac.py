@@ -117,9 +117,10 @@ class KFACGuide(Guide):
     :param num_data: ``N``; default the observations' count times their scale (N/B * B).
     :param init_scale: initial weight standard deviation (before the first curvature estimate).
     :param init_seed: seed of the fan-in scaled initial means ``N(0, 1 / in)`` (biases 0).
-    :param fast_setup: lay the model out with one compiled trace (``fast_target``) instead of
-        ``ngvi.make_target``'s op-by-op checks, which compile hundreds of tiny programs (about a
-        minute on a busy CPU for a BNN); ``False`` runs the full checks.
+    :param fast_setup: lay the model out with one compiled trace (``fast_target``, which
+        checks the observed data as ``make_target`` does) instead of ``ngvi.make_target``'s
+        op-by-op trace and initialization search, which compile hundreds of tiny programs (about
+        a minute on a busy CPU for a BNN); ``False`` runs the full checks.
     """
 
     def __init__(

@@ -39,7 +39,7 @@ from numpyro.infer.initialization import init_to_median
 from numpyro.primitives import Messenger, apply_stack
 
 from ngvi.errors import ModelError
-from ngvi.target import Site, Target
+from ngvi.target import Site, Target, check_observed, model_failed, observed_facts
 
 __all__ = [
     "Layer",
@@ -210,8 +210,9 @@ def find_layers(model, args, kwargs, target: Target, rng_key) -> tuple[tuple[Lay
 
 
 def fast_target(model, args: tuple, kwargs: dict, rng_key) -> Target:
-    """A ``Target`` from one jitted trace at the prior median (``init_to_median``), without
-    ``make_target``'s data and initialization checks (same layout and signature)."""
+    """A ``Target`` from one jitted trace at the prior median (``init_to_median``), with
+    ``make_target``'s observed-data checks (finite, shape, support: the trace returns what they
+    need) but not its initialization search (same layout and signature)."""
     info: dict = {}
 
     def latent_unc():
@@ -228,9 +229,20 @@ def fast_target(model, args: tuple, kwargs: dict, rng_key) -> Target:
         info["shape"] = {s["name"]: tuple(jnp.shape(s["value"])) for s in latent}
         plates = [s["args"] for s in tr.values() if s["type"] == "plate"]
         info["sub"] = any(a[1] is not None and a[1] != a[0] for a in plates)
-        return {s["name"]: biject_to(s["fn"].support).inv(s["value"]) for s in latent}
+        observed = [s for s in tr.values() if s["type"] == "sample" and s["is_observed"]]
+        facts = {s["name"]: observed_facts(s) for s in observed}
+        info["facts"] = {k: f for k, (f, _) in facts.items()}
+        checks = {s["name"]: (s["value"], facts[s["name"]][1]) for s in observed}
+        return {s["name"]: biject_to(s["fn"].support).inv(s["value"]) for s in latent}, checks
 
-    unc = jax.jit(latent_unc)()
+    try:
+        unc, checks = jax.jit(latent_unc)()
+    except (TypeError, ValueError) as e:
+        if type(e).__module__.startswith("jax"):  # a tracer error: the model, not its data
+            raise
+        raise model_failed(e) from e
+    for name, (value, in_support) in checks.items():
+        check_observed(name, value, in_support, info["facts"][name])
     z0, unravel = ravel_pytree(unc)
     sites, offset = [], 0
     for name in sorted(unc):

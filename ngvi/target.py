@@ -105,10 +105,37 @@ def _trace_model(model, args, kwargs, rng_key):
     try:
         return trace(model).get_trace(*args, **kwargs)
     except (TypeError, ValueError) as e:
-        raise DataError(
-            f"the model failed on its data: {e}. Check that the args/kwargs match the model's "
-            "signature and that the data shapes broadcast with the model's plates."
-        ) from e
+        raise model_failed(e) from e
+
+
+def model_failed(e: Exception) -> DataError:
+    """The error for a model that raised on its data (wrong arguments, shapes that do not
+    broadcast with its plates)."""
+    return DataError(
+        f"the model failed on its data: {e}. Check that the args/kwargs match the model's "
+        "signature and that the data shapes broadcast with the model's plates."
+    )
+
+
+class ObservedFacts(NamedTuple):
+    """What the observed-data checks need of a site's distribution (static: no arrays)."""
+
+    shape: tuple  # batch + event shape
+    batch_shape: tuple
+    event_shape: tuple
+    dist_name: str
+    support: str  # the support's repr, for the message
+
+
+def observed_facts(site) -> tuple[ObservedFacts, Any]:
+    """``(facts, in_support)`` of an observed site: static shape facts and the boolean array
+    ``support(value)`` (``None`` without a support). Traceable, so a jitted trace of the model
+    (``ngvi.nn.fast_target``) can return it for ``check_observed``."""
+    fn = site["fn"]
+    support = getattr(fn, "support", None)
+    shapes = (tuple(fn.shape()), tuple(fn.batch_shape), tuple(fn.event_shape))
+    facts = ObservedFacts(*shapes, _dist_name(fn), f"{support}")
+    return facts, None if support is None else support(jnp.asarray(site["value"]))
 
 
 def _check_observed(site) -> None:
@@ -118,6 +145,14 @@ def _check_observed(site) -> None:
         value = _global_observed(value, getattr(fn, "support", None))
         if value is None:
             return
+    facts, ok = observed_facts(dict(site, value=value))
+    check_observed(name, value, ok, facts)
+
+
+def check_observed(name: str, value, in_support, facts: ObservedFacts) -> None:
+    """Raise ``DataError`` naming the site, the index and the value for a non-finite
+    observation, data whose shape does not match its distribution, or a value outside the
+    support (``in_support``: ``support(value)``, ``None`` to skip)."""
     arr = np.asarray(value)
     if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
         bad = arr[~np.isfinite(arr)].ravel()[0]
@@ -126,19 +161,18 @@ def _check_observed(site) -> None:
             f"observed site '{name}' holds a non-finite value ({bad}) at index {idx}: "
             "drop or impute missing observations before fitting."
         )
-    _check_observed_shape(name, np.shape(value), fn)
-    support = getattr(fn, "support", None)
-    if support is None:
+    _check_observed_shape(name, arr.shape, facts)
+    if in_support is None:
         return
-    ok = np.asarray(support(jnp.asarray(value)))
+    ok = np.asarray(in_support)
     if not np.all(ok):
         pos = np.argwhere(~np.broadcast_to(ok, ok.shape))
         idx = tuple(int(i) for i in pos[0]) if pos.size else ()
         bad = np.broadcast_to(arr, ok.shape)[idx] if arr.ndim else arr
         raise DataError(
             f"observed site '{name}' has value {bad} at index {idx} outside the support of its "
-            f"{_dist_name(fn)} likelihood ({support}): fix the data or choose a likelihood "
-            "whose support contains it."
+            f"{facts.dist_name} likelihood ({facts.support}): fix the data or choose a "
+            "likelihood whose support contains it."
         )
 
 
@@ -162,14 +196,14 @@ def _dist_name(fn) -> str:
     return type(fn).__name__
 
 
-def _check_observed_shape(name: str, shape: tuple, fn) -> None:
+def _check_observed_shape(name: str, shape: tuple, facts: ObservedFacts) -> None:
     """The data must have the distribution's shape or extend it on the left: a distribution
     larger than its data would score every observation several times."""
-    model_shape = tuple(fn.shape())
+    model_shape = facts.shape
     hint = (
-        f"observed site '{name}' has data of shape {shape} but its {_dist_name(fn)} "
-        f"distribution has shape {model_shape} (batch {tuple(fn.batch_shape)} + event "
-        f"{tuple(fn.event_shape)})"
+        f"observed site '{name}' has data of shape {shape} but its {facts.dist_name} "
+        f"distribution has shape {model_shape} (batch {facts.batch_shape} + event "
+        f"{facts.event_shape})"
     )
     try:
         full = tuple(np.broadcast_shapes(shape, model_shape))

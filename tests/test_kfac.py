@@ -232,6 +232,29 @@ def _softmax_layer(X, y=None):
         numpyro.sample("y", dist.Categorical(logits=logits), obs=y)
 
 
+_X40 = jax.random.normal(jax.random.PRNGKey(0), (40, 3))
+_Y_REG, _Y_CLS = jnp.sin(_X40[:, 0]), jnp.arange(40) % 3
+
+
+@pytest.mark.parametrize(
+    "model,kw,match",
+    [
+        (_tiny_regressor, {"y": _Y_REG.at[2].set(jnp.nan)}, r"'y' holds a non-finite value \(nan"),
+        (_tiny_regressor, {"y": _Y_REG[:, None]}, r"'y' .* \(8, 1\) .* each observation 8 times"),
+        (_softmax_layer, {"y": _Y_CLS.at[5].set(3)}, r"'y' has value 3 at index \(5,\) outside"),
+        (_softmax_layer, {"y": _Y_CLS[:6]}, r"'y' has data of shape \(6,\) .* do not broadcast"),
+        (_softmax_layer, {"labels": _Y_CLS}, r"the model failed on its data: .*'labels'"),
+    ],
+)
+def test_fast_setup_checks_the_observed_data(model, kw, match):
+    """The default one-trace layout (``fast_setup``) checks the data as ``make_target`` does:
+    the site, the index and the value, or the shapes, are named."""
+    if model is _tiny_regressor:
+        kw = dict(kw, batch_idx=jnp.arange(8))
+    with pytest.raises(ngvi.DataError, match=match):
+        KFACGuide(model).setup(jax.random.PRNGKey(0), (_X40,), kw)
+
+
 def _fisher_estimates(fisher, X, y, num_draws):
     """Running estimate of (1/n) sum_n (a_n a_n^T) (x) (g_n g_n^T) over ``num_draws`` targets."""
     guide = KFACGuide(_softmax_layer, fisher=fisher, init_scale=1e-6)
