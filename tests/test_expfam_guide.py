@@ -234,6 +234,7 @@ def test_estimator_per_site_and_auto_fallbacks():
     assert used == {"m": "pathwise", "s": "score", "p": "regression", "w": "pathwise",
                     "v": "pathwise"}  # fmt: skip
     assert guide.resolved_estimator == "mixed"
+
     def one_gamma():
         numpyro.sample("lam", dist.Gamma(2.0, 1.0))
 

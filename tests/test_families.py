@@ -98,10 +98,12 @@ def _cases():
         ),
         "normal_gamma": (  # (loc, lam, concentration, rate)
             NormalGamma(),
-            NormalGamma.from_standard(A([0.5, -1.0, 2.0]), A([1.0, 0.3, 4.0]),
-                                      A([1.5, 3.0, 6.0]), A([1.0, 2.0, 0.5])),  # fmt: skip
-            NormalGamma.from_standard(A([0.0, -0.5, 1.5]), A([2.0, 0.5, 3.0]),
-                                      A([2.0, 2.5, 5.0]), A([1.5, 1.0, 0.7])),  # fmt: skip
+            NormalGamma.from_standard(
+                A([0.5, -1.0, 2.0]), A([1.0, 0.3, 4.0]), A([1.5, 3.0, 6.0]), A([1.0, 2.0, 0.5])
+            ),  # fmt: skip
+            NormalGamma.from_standard(
+                A([0.0, -0.5, 1.5]), A([2.0, 0.5, 3.0]), A([2.0, 2.5, 5.0]), A([1.5, 1.0, 0.7])
+            ),  # fmt: skip
         ),
     }
 
@@ -244,9 +246,20 @@ def test_natural_to_mean_is_grad_log_partition(name):
     _close(res["mean"], res["grad_log_partition"], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["diag_gaussian", "full_rank_gaussian", "gamma", "beta",
-                                  "dirichlet", "poisson", "exponential", "bernoulli",
-                                  "normal_gamma"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "diag_gaussian",
+        "full_rank_gaussian",
+        "gamma",
+        "beta",
+        "dirichlet",
+        "poisson",
+        "exponential",
+        "bernoulli",
+        "normal_gamma",
+    ],
+)
 def test_standard_round_trip(name):
     fam, eta, _ = CASES[name]
     _close(fam.from_standard(*fam.standard(eta)), eta, rtol=1e-10, atol=1e-12)
@@ -276,8 +289,9 @@ def test_newton_solvers_across_scales():
     np.testing.assert_allclose(inv, a, rtol=1e-10)
 
 
-_dirichlet_round_trip = jax.jit(lambda a: dirichlet_from_mean_log(
-    digamma(a) - digamma(jnp.sum(a, -1, keepdims=True))))
+_dirichlet_round_trip = jax.jit(
+    lambda a: dirichlet_from_mean_log(digamma(a) - digamma(jnp.sum(a, -1, keepdims=True)))
+)
 
 
 @settings(max_examples=30, deadline=None)

@@ -49,9 +49,7 @@ def is_static_zero(x: Any) -> bool:
     return isinstance(x, (int, float)) and x == 0
 
 
-def solve_sym_2x2(
-    a: Array, b: Array, c: Array, v: Params, damping: Array | float = 0.0
-) -> Params:
+def solve_sym_2x2(a: Array, b: Array, c: Array, v: Params, damping: Array | float = 0.0) -> Params:
     """Closed-form ``([[a, b], [b, c]] + damping I)^{-1} v`` for ``v = (v1, v2)``.
 
     ``x1 = (c' v1 - b v2) / det``, ``x2 = (a' v2 - b v1) / det`` with

@@ -232,9 +232,9 @@ class FullRankGaussian(ExpFamily):
     def fisher(self, eta: Params) -> Array:
         """Dense ``Cov[(x, vec(x x^T))]`` (Isserlis' theorem for the 4th moments)::
 
-            F11 = S,  F12[i,(k,l)] = mu_k S_il + mu_l S_ik,
-            F22[(i,j),(k,l)] = S_ik S_jl + S_il S_jk + mu_i mu_k S_jl + mu_i mu_l S_jk
-                               + mu_j mu_k S_il + mu_j mu_l S_ik.
+        F11 = S,  F12[i,(k,l)] = mu_k S_il + mu_l S_ik,
+        F22[(i,j),(k,l)] = S_ik S_jl + S_il S_jk + mu_i mu_k S_jl + mu_i mu_l S_jk
+                           + mu_j mu_k S_il + mu_j mu_l S_ik.
         """
         mu, s = self._mean_cov(eta)
         d = self.dim
@@ -277,6 +277,7 @@ class FullRankGaussian(ExpFamily):
         ``fisher_vp`` runs ``d + d^2`` iterations (exact in exact arithmetic).
         """
         if not is_static_zero(damping):
+
             def matvec(u):
                 fu = self.fisher_vp(eta, u)
                 return (fu[0] + damping * u[0], fu[1] + damping * u[1])
