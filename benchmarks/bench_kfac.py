@@ -5,18 +5,21 @@ with the parts of its step.
     python benchmarks/bench_kfac.py [--epochs 10] [--batch-size 64] [--seeds 5]
 
 Every method trains with ``fit_bnn`` (each epoch one compiled scan over its minibatches, so the
-time is compute, not Python dispatch). After training, the compiled epoch is run again
-``--repeats`` times on the final state and one fixed minibatch order: the per-epoch time is the
-fastest of those (on a shared machine other jobs only ever add time, so the minimum is the least
-disturbed estimate of the method's own cost, as ``timeit`` reports); the median is kept too.
-Ratios are to Adam (MAP) measured in the same run. The "weight noise" row times only drawing the
-``d`` standard normals a weight-perturbation method needs per step (scanned like an epoch): the
-floor under every variational method here, ADVI included. K-FAC and diagonal NGVI use
-``bnn_engine`` (one weight sample per step, lr 0.1); "kfac_ngvi_stats5" also updates the Kronecker
-factors only every 5 steps. Test accuracy, NLL and ECE use 32 Monte Carlo weight samples after the
-same number of epochs; "advi_same_time" is ADVI trained for as many epochs as fit in K-FAC's
-training time (K-FAC's epoch time / ADVI's, times the epochs). K-FAC's and ADVI's test metrics
-are also reported over ``--seeds`` fit seeds (minibatch order and noise). Writes
+time is compute, not Python dispatch). After training, every method's compiled epoch is run
+``--repeats`` times on its final state and one fixed minibatch order, round-robin with the other
+methods' (``timing.interleaved``: a slow spell of the shared machine falls on all alike): the
+per-epoch time is the fastest of those (other jobs only ever add time, so the minimum is the least
+disturbed estimate of the method's own cost, as ``timeit`` reports); the median is kept. Ratios are
+to Adam (MAP) measured in the same run. The "weight noise" row times only drawing the ``d``
+standard normals a weight-perturbation method needs per step (scanned like an epoch): the floor
+under every variational method here, ADVI included; the two "floor_weight_perturbation" rows time
+the least such a method does per step (noise, one perturbed value-and-gradient, SGD;
+``_floor_epochs``), with the noise drawn per step and, to separate the RNG's cost, per epoch. K-FAC
+and diagonal NGVI use ``bnn_engine`` (one weight sample per step, lr 0.1); "kfac_ngvi_stats5" also
+updates the Kronecker factors only every 5 steps. Test accuracy, NLL and ECE use 32 Monte Carlo
+weight samples after the same number of epochs; "advi_same_time" is ADVI trained for as many epochs
+as fit in K-FAC's training time (K-FAC's epoch time / ADVI's, times the epochs). K-FAC's and ADVI's
+test metrics are also reported over ``--seeds`` fit seeds (minibatch order and noise). Writes
 benchmarks/results/kfac.json.
 """
 
@@ -25,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 from pathlib import Path
 
 import jax
@@ -38,7 +40,7 @@ from jax import lax
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoDelta, AutoNormal
 from numpyro.infer.initialization import init_to_value
-from timing import seconds
+from timing import interleaved, seconds
 
 import models
 from ngvi.bnn import _driver, _epoch_fn
@@ -56,13 +58,8 @@ def _means(guide: KFACGuide) -> dict:
     return out
 
 
-def _repeat_epoch(engine, state, X, y, idx, repeats: int) -> np.ndarray:
-    """Seconds of ``repeats`` runs of the method's compiled epoch from ``state``."""
-    return seconds(_epoch_fn(_driver(engine)[2]), state, X, y, idx, repeats=repeats)
-
-
-def _noise_epoch(d: int, steps: int, repeats: int) -> np.ndarray:
-    """Seconds per epoch of drawing ``d`` standard normals per step, scanned over ``steps``."""
+def _noise_epoch(d: int, steps: int) -> tuple:
+    """(fn, args): an epoch of drawing ``d`` standard normals per step, scanned over ``steps``."""
 
     @jax.jit
     def run(key):
@@ -71,7 +68,42 @@ def _noise_epoch(d: int, steps: int, repeats: int) -> np.ndarray:
 
         return lax.scan(body, jnp.zeros(()), jnp.arange(steps))[0]
 
-    return seconds(run, jax.random.PRNGKey(0), repeats=repeats)
+    return run, (jax.random.PRNGKey(0),)
+
+
+def _floor_epochs(target, X, y, idx) -> dict:
+    """(fn, args) per name: an epoch of the least a weight-perturbation method does per step, on
+    the same NumPyro model: ``w = mu + exp(rho) * e`` with ``e ~ N(0, I)``, one value and
+    gradient of ``-log p(y_B, w) - sum(rho)`` and a plain SGD step (no Adam state, no curvature,
+    no accept test). "floor_weight_perturbation" draws ``e`` every step, as every method here does;
+    "floor_weight_perturbation_predrawn" draws the whole epoch's noise in one call (the RNG's
+    per-call cost on CPU, where JAX lowers threefry to a rolled loop, taken out)."""
+    d = target.dim
+    neg = lambda w, i: -target.log_density(w, (X,), {"y": y, "batch_idx": i}, None)
+
+    def sgd(p, e, i):
+        f = lambda p: neg(p[0] + jnp.exp(p[1]) * e, i) - jnp.sum(p[1])
+        loss, g = jax.value_and_grad(f)(p)
+        return jax.tree.map(lambda a, b: a - 1e-5 * b, p, g), loss
+
+    def per_step(p, key, idx):
+        def body(c, i):
+            k, sk = jax.random.split(c[1])
+            p, loss = sgd(c[0], jax.random.normal(sk, (d,)), i)
+            return (p, k), loss
+
+        return lax.scan(body, (p, key), idx)
+
+    def predrawn(p, key, idx):
+        E = jax.random.normal(key, (idx.shape[0], d))
+        return lax.scan(lambda p, ie: sgd(p, ie[1], ie[0]), p, (idx, E))
+
+    p0 = (jnp.zeros(d), jnp.full(d, -3.0))
+    key = jax.random.PRNGKey(0)
+    return {
+        "floor_weight_perturbation": (jax.jit(per_step), (p0, key, idx)),
+        "floor_weight_perturbation_predrawn": (jax.jit(predrawn), (p0, key, idx)),
+    }
 
 
 def classifier(epochs: int, batch_size: int, repeats: int, seeds: int) -> tuple[dict, dict]:
@@ -106,27 +138,29 @@ def classifier(epochs: int, batch_size: int, repeats: int, seeds: int) -> tuple[
         eval_every=n,
         progress_bar=False,
     )
+    calls = {}  # every method's compiled epoch from its trained state, timed interleaved
     for name, engine in engines.items():
         r = train(engine, epochs)
         met = r.history[-1]
-        times = _repeat_epoch(engine, r.state, X, kw["y"], idx, repeats)
+        calls[name] = (_epoch_fn(_driver(engine)[2]), (r.state, X, kw["y"], idx))
         rows[name] = {
-            "epoch_s": float(np.min(times)),
-            "epoch_s_median": float(np.median(times)),
-            "step_ms": 1e3 * float(np.min(times)) / idx.shape[0],
             "first_epoch_s": float(r.epoch_times[0]),
             "training_epoch_s_min": float(np.min(r.epoch_times[1:])),
             "accuracy": met.accuracy,
             "nll": met.nll,
             "ece": met.ece,
         }
-    noise = _noise_epoch(probe.target.dim, idx.shape[0], repeats)
-    rows["weight_noise_only"] = {
-        "epoch_s": float(np.min(noise)),
-        "epoch_s_median": float(np.median(noise)),
-        "step_ms": 1e3 * float(np.min(noise)) / idx.shape[0],
-        "normals_per_step": probe.target.dim,
-    }
+    calls["weight_noise_only"] = _noise_epoch(probe.target.dim, idx.shape[0])
+    calls.update(_floor_epochs(probe.target, X, kw["y"], idx))
+    for name, times in interleaved(calls, repeats).items():
+        rows.setdefault(name, {}).update(
+            {
+                "epoch_s": float(np.min(times)),
+                "epoch_s_median": float(np.median(times)),
+                "step_ms": 1e3 * float(np.min(times)) / idx.shape[0],
+            }
+        )
+    rows["weight_noise_only"]["normals_per_step"] = probe.target.dim
     # ADVI given K-FAC's compute: as many epochs as fit in K-FAC's training time
     budget = epochs * rows["kfac_ngvi"]["epoch_s"] / rows["advi"]["epoch_s"]
     advi_epochs = max(epochs, round(budget))
@@ -220,7 +254,8 @@ def synthetic(batch_sizes=(128, 2048), steps: int = 50, repeats: int = 5) -> dic
     stat_decay`` steps, in which every statistics update is inverted); the methods' epochs are
     timed interleaved, fastest of ``repeats``; a ``steps``-step epoch holds its share of
     statistics updates and inversions. "kfac_amortized" updates the factors every 10 steps and
-    inverts them every 50. Its step's parts are timed at the largest batch."""
+    inverts them every 50; the "_eighth" variants estimate them on 1/8 of the minibatch
+    (``stats_batch``). The amortized step's parts are timed at the largest batch."""
     kx, kw = jax.random.split(jax.random.PRNGKey(0))
     X = jax.random.normal(kx, (8192, 784))
     y = jnp.argmax(X @ jax.random.normal(kw, (784, 10)), -1)
@@ -232,6 +267,10 @@ def synthetic(batch_sizes=(128, 2048), steps: int = 50, repeats: int = 5) -> dic
         kfac = {
             "kfac_ngvi": KFACGuide(m),
             "kfac_amortized": KFACGuide(m, stats_every=10, inverse_every=50),
+            "kfac_stats_eighth": KFACGuide(m, stats_batch=B // 8),
+            "kfac_amortized_eighth": KFACGuide(
+                m, stats_every=10, inverse_every=50, stats_batch=B // 8
+            ),
         }
         engines = {k: bnn_engine(g) for k, g in kfac.items()}
         adam = optax.adam(0.01)
@@ -247,15 +286,13 @@ def synthetic(batch_sizes=(128, 2048), steps: int = 50, repeats: int = 5) -> dic
             for _ in range(warm + 1):  # the first compiles
                 state, total = runs[name](state, X, y, idx)
             states[name] = jax.block_until_ready(state)
-        times: dict = {k: [] for k in engines}
-        for _ in range(repeats):
-            for name in engines:
-                t0 = time.perf_counter()
-                jax.block_until_ready(runs[name](states[name], X, y, idx))
-                times[name].append((time.perf_counter() - t0) / steps)
+        calls = {k: (runs[k], (states[k], X, y, idx)) for k in engines}
         row = {
-            k: {"step_ms": 1e3 * min(v), "step_ms_median": 1e3 * float(np.median(v))}
-            for k, v in times.items()
+            k: {
+                "step_ms": 1e3 * float(np.min(v)) / steps,
+                "step_ms_median": 1e3 * float(np.median(v)) / steps,
+            }
+            for k, v in interleaved(calls, repeats).items()
         }
         for r in row.values():
             r["x_adam"] = r["step_ms"] / row["map_adam"]["step_ms"]
