@@ -140,19 +140,18 @@ def observed_facts(site) -> tuple[ObservedFacts, Any]:
 
 def _check_observed(site) -> None:
     """Observed values must be finite and inside the likelihood's support."""
-    name, value, fn = site["name"], site["value"], site["fn"]
-    if isinstance(value, jax.Array) and not value.is_fully_addressable:
-        value = _global_observed(value, getattr(fn, "support", None))
-        if value is None:
-            return
-    facts, ok = observed_facts(dict(site, value=value))
-    check_observed(name, value, ok, facts)
+    facts, ok = observed_facts(site)
+    check_observed(site["name"], site["value"], ok, facts)
 
 
 def check_observed(name: str, value, in_support, facts: ObservedFacts) -> None:
     """Raise ``DataError`` naming the site, the index and the value for a non-finite
     observation, data whose shape does not match its distribution, or a value outside the
     support (``in_support``: ``support(value)``, ``None`` to skip)."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        value, in_support = _global_observed(value, in_support)
+        if value is None:
+            return
     arr = np.asarray(value)
     if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
         bad = arr[~np.isfinite(arr)].ravel()[0]
@@ -176,17 +175,19 @@ def check_observed(name: str, value, in_support, facts: ObservedFacts) -> None:
         )
 
 
-def _global_observed(value: jax.Array, support):
+def _global_observed(value: jax.Array, in_support):
     """Data spread over several processes (``jax.make_array_from_process_local_data``): check
-    them on their devices; only when a check fails, gather them to report the bad entry."""
+    them on their devices; only when a check fails, gather them (and ``in_support``) to report
+    the bad entry. ``(None, None)`` when they pass."""
     ok = jnp.all(jnp.isfinite(value)) if jnp.issubdtype(value.dtype, jnp.floating) else True
-    if support is not None:
-        ok = ok & jnp.all(support(value))
+    if in_support is not None:
+        ok = ok & jnp.all(in_support)
     if bool(ok):
-        return None
+        return None, None
     from jax.experimental import multihost_utils
 
-    return multihost_utils.process_allgather(value, tiled=True)
+    gather = lambda x: None if x is None else multihost_utils.process_allgather(x, tiled=True)
+    return gather(value), gather(in_support)
 
 
 def _dist_name(fn) -> str:
