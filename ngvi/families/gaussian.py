@@ -230,11 +230,10 @@ class FullRankGaussian(ExpFamily):
 
     # -------------------------------------------------------------- geometry
     def fisher(self, eta: Params) -> Array:
-        """Dense ``Cov[(x, vec(x x^T))]`` (Isserlis' theorem for the 4th moments)::
-
-        F11 = S,  F12[i,(k,l)] = mu_k S_il + mu_l S_ik,
-        F22[(i,j),(k,l)] = S_ik S_jl + S_il S_jk + mu_i mu_k S_jl + mu_i mu_l S_jk
-                           + mu_j mu_k S_il + mu_j mu_l S_ik.
+        """Dense ``Cov[(x, vec(x x^T))]`` (Isserlis' theorem for the 4th moments):
+        ``F11 = S``, ``F12[i,(k,l)] = mu_k S_il + mu_l S_ik``,
+        ``F22[(i,j),(k,l)] = S_ik S_jl + S_il S_jk + mu_i mu_k S_jl + mu_i mu_l S_jk +
+        mu_j mu_k S_il + mu_j mu_l S_ik``.
         """
         mu, s = self._mean_cov(eta)
         d = self.dim
