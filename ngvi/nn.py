@@ -229,10 +229,11 @@ def fast_target(model, args: tuple, kwargs: dict, rng_key) -> Target:
         info["shape"] = {s["name"]: tuple(jnp.shape(s["value"])) for s in latent}
         plates = [s["args"] for s in tr.values() if s["type"] == "plate"]
         info["sub"] = any(a[1] is not None and a[1] != a[0] for a in plates)
-        observed = [s for s in tr.values() if s["type"] == "sample" and s["is_observed"]]
-        facts = {s["name"]: observed_facts(s) for s in observed}
-        info["facts"] = {k: f for k, (f, _) in facts.items()}
-        checks = {s["name"]: (s["value"], facts[s["name"]][1]) for s in observed}
+        info["facts"], checks = {}, {}  # static facts out by side channel, arrays returned
+        for s in tr.values():
+            if s["type"] == "sample" and s["is_observed"]:
+                info["facts"][s["name"]], in_support = observed_facts(s)
+                checks[s["name"]] = (s["value"], in_support)
         return {s["name"]: biject_to(s["fn"].support).inv(s["value"]) for s in latent}, checks
 
     try:
