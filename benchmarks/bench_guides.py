@@ -14,9 +14,9 @@ BFGS update is O(n^3)). "Steps/seconds to 0.1 nat" is the first checkpoint after
 one stays within 0.1 nat of it (``ngvi.compare.summarize``). ADVI (AutoMultivariateNormal, optax
 Adam, Trace_ELBO, last iterate) runs the grid lr in ``GRID_LR`` x particles in ``GRID_PARTICLES``
 (bench_meanfield's grid less lr = 0.1) and the best configuration by seconds is flagged
-(``ngvi.compare``'s rule). NGVI runs its defaults with each Hessian estimator (``"stein"``,
-``"exact"``; ``"auto"`` picks one of them by dimension). Compile time is excluded (a warm-up run
-first) and reported apart; seconds are wall-clock over the checkpointed chunks.
+(``ngvi.report.comparison``'s rule). NGVI runs its defaults with each Hessian estimator
+(``"stein"``, ``"exact"``; ``"auto"`` picks one of them by dimension). Compile time is excluded
+(a warm-up run first) and reported apart; seconds are wall-clock over the checkpointed chunks.
 
 Part 2: jitted ``eta - lr F^-1 g`` (closed-form ``fisher_inverse``) vs ``eta - lr g`` for a batch
 of 1000 factors of every family (median of repeated calls).
@@ -48,10 +48,10 @@ from timing import seconds  # noqa: E402
 import models  # noqa: E402
 import ngvi.families as fam  # noqa: E402
 from ngvi import NGVI  # noqa: E402
-from ngvi.baselines import advi  # noqa: E402
-from ngvi.compare import MethodTrace, _flag_best_advi, summarize  # noqa: E402
-from ngvi.fullrank import FullRankGaussian  # noqa: E402
-from ngvi.scoring import crn_noise  # noqa: E402
+from ngvi.guides.fullrank import FullRankGaussian  # noqa: E402
+from ngvi.report.baselines import advi  # noqa: E402
+from ngvi.report.comparison import MethodTrace, _flag_best_advi, summarize  # noqa: E402
+from ngvi.report.scoring import crn_noise  # noqa: E402
 
 SETTINGS = {  # model: (ngvi steps, ngvi checkpoint every, advi steps, advi checkpoint every)
     "logistic_regression": (600, 20, 20000, 200),

@@ -43,9 +43,9 @@ from numpyro.infer.initialization import init_to_value
 from timing import interleaved, seconds
 
 import models
-from ngvi.bnn import _driver, _epoch_fn
-from ngvi.kfac import KFACGuide, bnn_engine, fit_bnn, minibatches
-from ngvi.nn import mlp
+from ngvi.guides.kfac import KFACGuide
+from ngvi.nn import bnn_engine, fit_bnn, minibatches, mlp
+from ngvi.nn.train import _driver, _epoch_fn
 
 RESULTS = Path(__file__).parent / "results" / "kfac.json"
 
@@ -203,7 +203,7 @@ def _synthetic_model(X, y=None, batch_idx=None):
 def _breakdown(guide, engine, state, X, y, B: int, repeats: int) -> dict:
     """Milliseconds of the parts of one K-FAC step, each jitted alone (every array an argument:
     a closed-over one is a constant XLA may fold at compile time), fastest of ``repeats``."""
-    from ngvi.infer import StepContext
+    from ngvi.engine.infer import StepContext
 
     p = dict(state.params)
     due = p["stat_step"] + guide.stats_every  # a statistics step

@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 
 import models
-from ngvi.compare import compare_vi, format_table
+from ngvi.report.comparison import compare_vi, format_table
 
 SETTINGS = {  # model: (ngvi steps, advi steps)
     "eight_schools": (400, 6000),

@@ -31,7 +31,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ngvi.families import Bernoulli
-from ngvi.plots import OKABE_ITO
+from ngvi.report.plots import OKABE_ITO
 
 LEARNING_RATES = (0.05, 0.25, 1.0)
 NUM_STEPS = 12

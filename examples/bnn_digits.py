@@ -13,7 +13,8 @@ import argparse
 import jax
 
 import models
-from ngvi.kfac import KFACGuide, bnn_engine, fit_bnn
+from ngvi import KFACGuide
+from ngvi.nn import bnn_engine, fit_bnn
 
 
 def main() -> None:

@@ -19,9 +19,9 @@ import numpy as np
 
 import models
 import ngvi
-from ngvi.baselines import nuts
-from ngvi.diagnostics import psis_diagnostic, to_inference_data
-from ngvi.plots import plot_marginals, plot_pair
+from ngvi.report.baselines import nuts
+from ngvi.report.diagnostics import psis_diagnostic, to_inference_data
+from ngvi.report.plots import plot_marginals, plot_pair
 
 SITES = ["mu", "tau", "theta"]
 

@@ -6,8 +6,8 @@ Model (``models/normal_gamma.py``): ``tau ~ Gamma(2, 2)``, ``mu | tau ~ N(0, (ta
 
 1. **Joint family, one step.** ``ngvi.families.NormalGamma`` is an exponential family over
    ``(mu, tau)`` with ``T = (tau mu, tau mu^2, tau, log tau)``; ``log p(data, mu, tau)`` is
-   linear in ``T``, so the regression natural gradient (``ngvi.expfam_estimators``) on 8 draws is
-   exact and one unit step ``eta <- eta + 1 * nat`` lands on the exact posterior
+   linear in ``T``, so the regression natural gradient (``ngvi.guides.expfam_estimators``) on 8
+   draws is exact and one unit step ``eta <- eta + 1 * nat`` lands on the exact posterior
    (conjugate-computation VI, Khan & Lin 2017). The step is written out here with the family
    and the estimator: ``ExpFamilyGuide`` assigns one family per site and does not (yet) place
    one family on a pair of sites.
@@ -31,9 +31,9 @@ from numpyro.infer.util import log_density  # noqa: E402
 
 import models  # noqa: E402
 from ngvi import NGVI  # noqa: E402
-from ngvi.expfam_estimators import regression_natural_params  # noqa: E402
-from ngvi.expfam_guide import ExpFamilyGuide  # noqa: E402
 from ngvi.families import NormalGamma  # noqa: E402
+from ngvi.guides.expfam import ExpFamilyGuide  # noqa: E402
+from ngvi.guides.expfam_estimators import regression_natural_params  # noqa: E402
 
 KEY = jax.random.PRNGKey(0)
 

@@ -17,7 +17,7 @@ arbitrary confident predictions), 10 classes; a stratified 80/20 train/test spli
 Latent sites: ``hidden_w`` (64, 32), ``hidden_b`` (32,), ``out_w`` (32, 10), ``out_b`` (10,).
 Call as ``model(X, y=None, subsample_size=None, batch_idx=None)``: ``subsample_size`` lets NumPyro
 draw a random minibatch per step; ``batch_idx`` (an int array of length B) uses those rows instead
-(epochs over shuffled minibatches, ``ngvi.kfac.fit_bnn``); both scale the likelihood by N / B.
+(epochs over shuffled minibatches, ``ngvi.nn.fit_bnn``); both scale the likelihood by N / B.
 ``data()`` returns the training set ``((X,), {"y": y})``, ``test_data()`` the test set.
 """
 

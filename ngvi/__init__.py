@@ -1,21 +1,40 @@
 """ngvi: natural-gradient variational inference for NumPyro models.
 
+Layers, lowest first (each imports only from those before it): ``errors`` and ``numerics``;
+``families`` (exponential-family math); ``model`` (NumPyro model -> flat target, dense layers);
+``guides`` and ``em``; ``engine`` (the NGVI driver); ``nn`` (BNN training) and ``report``
+(baselines, comparison, ArviZ, plots); ``cli``. The bundled ``models`` import ngvi, never the
+reverse.
+
 The diagnostics and plotting names (ArviZ, matplotlib: ~2 s to import) load on first use."""
 
 import importlib
 
-from ngvi import em, families, kfac, nn
-from ngvi.baselines import advi, nuts
-from ngvi.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ngvi.compare import compare, compare_vi
+from ngvi import em, families, nn
+from ngvi.engine import (
+    NGVI,
+    CheckpointError,
+    NGVIInfo,
+    NGVIRunResult,
+    NGVIState,
+    StepContext,
+    data_mesh,
+    load_checkpoint,
+    save_checkpoint,
+    shard_data,
+)
 from ngvi.errors import ConfigError, DataError, FitError, ModelError, NGVIError
-from ngvi.expfam_guide import ExpFamilyGuide
-from ngvi.fullrank import FullRankGaussian
-from ngvi.guides import Guide, MeanFieldGaussian
-from ngvi.infer import NGVI, NGVIInfo, NGVIRunResult, NGVIState, StepContext
-from ngvi.kfac import DiagonalFisherGuide, KFACGuide
-from ngvi.sharding import data_mesh, shard_data
-from ngvi.target import Site, Target, make_target
+from ngvi.guides import (
+    DiagonalFisherGuide,
+    ExpFamilyGuide,
+    FullRankGaussian,
+    Guide,
+    KFACGuide,
+    MeanFieldGaussian,
+    kfac,
+)
+from ngvi.model import Site, Target, make_target
+from ngvi.report import advi, compare, compare_vi, nuts
 
 __all__ = [
     "NGVI",
@@ -61,9 +80,10 @@ __all__ = [
 
 _LAZY = {
     **dict.fromkeys(
-        ("PSISResult", "psis_diagnostic", "psis_khat", "to_inference_data"), "ngvi.diagnostics"
+        ("PSISResult", "psis_diagnostic", "psis_khat", "to_inference_data"),
+        "ngvi.report.diagnostics",
     ),
-    **dict.fromkeys(("plot_elbo", "plot_marginals", "plot_pair"), "ngvi.plots"),
+    **dict.fromkeys(("plot_elbo", "plot_marginals", "plot_pair"), "ngvi.report.plots"),
 }
 
 

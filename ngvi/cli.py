@@ -49,16 +49,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(spec: str):
-    import models
+    from ngvi.model.loader import ModelLoadError, load
 
     try:
-        return models.load(spec)
-    except models.ModelLoadError as e:
+        return load(spec)
+    except ModelLoadError as e:
         raise SystemExit(f"ngvi: {e}") from None
 
 
 def cmd_fit(ns) -> int:
-    from ngvi import NGVI, MeanFieldGaussian
+    from ngvi.engine import NGVI
+    from ngvi.guides import MeanFieldGaussian
 
     model, args, kwargs = _load(ns.model)
     guide = MeanFieldGaussian(model)
@@ -92,7 +93,7 @@ def cmd_fit(ns) -> int:
 def cmd_compare(ns) -> int:
     import pandas as pd
 
-    from ngvi.compare import compare, verdicts
+    from ngvi.report.comparison import compare, verdicts
 
     model, args, kwargs = _load(ns.model)
     lrs = tuple(float(x) for x in ns.advi_lr.split(","))

@@ -12,7 +12,7 @@ import pytest
 
 import models
 from ngvi import NGVI, MeanFieldGaussian
-from ngvi.checkpoint import CheckpointError
+from ngvi.engine.checkpoint import CheckpointError
 
 
 def _engine(name="eight_schools"):

@@ -12,10 +12,10 @@ import pytest
 
 import models
 from ngvi import MeanFieldGaussian
-from ngvi.baselines import advi, advi_flat
 from ngvi.cli import main
-from ngvi.compare import compare, compare_vi, format_table, verdicts
-from ngvi.scoring import first_touch, steps_to_within
+from ngvi.report.baselines import advi, advi_flat
+from ngvi.report.comparison import compare, compare_vi, format_table, verdicts
+from ngvi.report.scoring import first_touch, steps_to_within
 
 
 def test_advi_result_matches_ngvi_fields_and_flat_layout():

@@ -1,6 +1,7 @@
 """Every continuous constraint NumPyro offers: a short mean-field NGVI fit keeps its posterior
 samples in the support and finite with most steps accepted, and the log-space scoring of
-Dirichlet, Beta and Gamma sites (``ngvi.logspace``) that makes sparse Dirichlets fit in float32.
+Dirichlet, Beta and Gamma sites (``ngvi.numerics.logspace``) that makes sparse Dirichlets fit in
+float32.
 
 Runs in the session's default dtype: float32 in the default run, float64 under
 ``JAX_ENABLE_X64=1`` (``.ci/run-slow``)."""
@@ -20,7 +21,7 @@ from numpyro.infer import init_to_uniform
 from numpyro.infer.util import potential_energy
 
 from ngvi import NGVI, MeanFieldGaussian
-from ngvi.logspace import stable_potential_energy, stick_breaking_log
+from ngvi.numerics.logspace import stable_potential_energy, stick_breaking_log
 
 Y = np.array([[0.5, -0.3, 1.0], [0.1, 0.4, -0.2], [1.2, 0.8, 0.3], [-0.6, -0.9, 0.1]])
 
@@ -106,8 +107,8 @@ def sparse_dirichlet():
 @pytest.mark.slow  # ~20 s; the log-space tests below guard its cause in the default run
 def test_sparse_dirichlet_in_float32_accepts_its_steps():
     """Dirichlet(0.01 * ones(50)) puts most components below float32's smallest number, where
-    NumPyro's ``log p(x) + log |J|`` is ``inf - inf = NaN``: before ``ngvi.logspace`` 221-255 of
-    300 steps were rejected. Scored in log space, (nearly) every step is accepted."""
+    NumPyro's ``log p(x) + log |J|`` is ``inf - inf = NaN``: before ``ngvi.numerics.logspace``
+    221-255 of 300 steps were rejected. Scored in log space, (nearly) every step is accepted."""
     with jax.enable_x64(False):
         _, r = _fit_and_check(sparse_dirichlet, 150, max_rejected=0.05)
         assert r.params["loc"].dtype == jnp.float32

@@ -1,4 +1,4 @@
-"""ArviZ conversion, PSIS k-hat and plots (ngvi.diagnostics, ngvi.plots)."""
+"""ArviZ conversion, PSIS k-hat and plots (ngvi.report.diagnostics, ngvi.report.plots)."""
 
 import jax
 
@@ -17,14 +17,14 @@ import pytest  # noqa: E402
 
 import models  # noqa: E402
 import ngvi  # noqa: E402
-from ngvi.diagnostics import (  # noqa: E402
+from ngvi.errors import ConfigError, DataError  # noqa: E402
+from ngvi.report.diagnostics import (  # noqa: E402
     PSISResult,
     psis_diagnostic,
     psis_khat,
     to_inference_data,
 )
-from ngvi.errors import ConfigError, DataError  # noqa: E402
-from ngvi.plots import plot_elbo, plot_marginals, plot_pair  # noqa: E402
+from ngvi.report.plots import plot_elbo, plot_marginals, plot_pair  # noqa: E402
 
 pytestmark = pytest.mark.x64  # float64 in this module only (tests/conftest.py)
 

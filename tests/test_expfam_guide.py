@@ -18,9 +18,9 @@ from numpyro.infer import Predictive, init_to_uniform  # noqa: E402
 import models  # noqa: E402
 import ngvi.families as fam  # noqa: E402
 from ngvi import NGVI, ConfigError  # noqa: E402
-from ngvi.baselines import advi  # noqa: E402
-from ngvi.expfam_guide import ExpFamilyGuide  # noqa: E402
-from ngvi.infer import StepContext  # noqa: E402
+from ngvi.engine.infer import StepContext  # noqa: E402
+from ngvi.guides.expfam import ExpFamilyGuide  # noqa: E402
+from ngvi.report.baselines import advi  # noqa: E402
 
 pytestmark = pytest.mark.x64  # float64 in this module only (tests/conftest.py)
 
@@ -196,7 +196,7 @@ def test_score_estimator_is_unbiased_and_its_control_variate_cuts_the_variance()
     gradient is eta_post - eta. The score-function estimate (8 draws, closed-form F^-1) averaged
     over 2000 seeds equals it within 5 standard errors, with the leave-one-out baseline and
     without; the baseline cuts the variance of every component more than 20-fold."""
-    from ngvi.expfam_estimators import score_natural_gradient
+    from ngvi.guides.expfam_estimators import score_natural_gradient
 
     model, args, kwargs = models.load("normal_normal")
     guide = ExpFamilyGuide(model, estimator="score")

@@ -466,7 +466,7 @@ def test_normal_gamma_one_unit_step_lands_on_the_exact_posterior():
     from numpyro.infer.util import log_density
 
     import models
-    from ngvi.expfam_estimators import regression_natural_params
+    from ngvi.guides.expfam_estimators import regression_natural_params
 
     model, args, kwargs = models.load("normal_gamma")
     module = models.load_module("normal_gamma")

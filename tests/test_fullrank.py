@@ -14,7 +14,7 @@ from numpyro.infer import Predictive  # noqa: E402
 import models  # noqa: E402
 from ngvi import NGVI, ConfigError  # noqa: E402
 from ngvi.families import FullRankGaussian as FullRankFamily  # noqa: E402
-from ngvi.fullrank import (  # noqa: E402
+from ngvi.guides.fullrank import (  # noqa: E402
     FullRankGaussian,
     gaussian_kl_prec,
     ibr_precision,
@@ -135,7 +135,7 @@ def test_auto_hessian_is_exact_up_to_moderate_dimension():
     import numpyro.distributions as dist
     from numpyro.infer import init_to_uniform
 
-    from ngvi.fullrank import AUTO_EXACT_MAX_DIM, auto_hessian
+    from ngvi.guides.fullrank import AUTO_EXACT_MAX_DIM, auto_hessian
 
     assert auto_hessian(AUTO_EXACT_MAX_DIM) == "exact"
     assert auto_hessian(AUTO_EXACT_MAX_DIM + 1) == "stein"

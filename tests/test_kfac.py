@@ -15,10 +15,15 @@ from numpyro.infer.initialization import init_to_value
 
 import models
 import ngvi
-from ngvi.curvature import spd_inverse, spd_inverse_root
-from ngvi.infer import StepContext
-from ngvi.kfac import KFACGuide, bnn_engine, fit_bnn, kfac_precondition, layer_fisher_stats
-from ngvi.nn import dense
+from ngvi.engine.infer import StepContext
+from ngvi.guides.curvature import (
+    kfac_precondition,
+    layer_fisher_stats,
+    spd_inverse,
+    spd_inverse_root,
+)
+from ngvi.guides.kfac import KFACGuide
+from ngvi.nn import bnn_engine, dense, fit_bnn
 
 
 def _rel(a, b):

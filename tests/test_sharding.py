@@ -21,7 +21,7 @@ from numpyro.infer.initialization import init_to_value
 
 import ngvi
 from ngvi import MeanFieldGaussian
-from ngvi.sharding import data_mesh, shard_data
+from ngvi.engine.sharding import data_mesh, shard_data
 
 # -- helper, in this (one-device) process ------------------------------------------------------
 
@@ -129,7 +129,7 @@ PROBLEM = textwrap.dedent(
 CHILD = textwrap.dedent(
     """
     import glob, json, sys
-    from ngvi.sharding import shard_data
+    from ngvi.engine.sharding import shard_data
 
     steps, batch, dump = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     batch = None if batch == "none" else int(batch)

@@ -7,7 +7,7 @@ the pre-activation ``s = x @ W + b``. Before returning, it sends one extra NumPy
 not a ``deterministic`` site, so it costs nothing, never appears in ``Predictive`` output and is
 ignored by every NumPyro handler). Outside the handlers below the marker returns ``s`` unchanged.
 
-``LayerTap`` is the handler a K-FAC guide (``ngvi.kfac``) wraps the model in: it records each
+``LayerTap`` is the handler a K-FAC guide (``ngvi.KFACGuide``) wraps the model in: it records each
 layer's input ``a`` and adds a zero perturbation ``delta[name]`` to ``s``, so that
 
     d log p(y | x, W) / d delta[name]  =  d log p / d s   (per example: row n of the result)
@@ -22,7 +22,6 @@ lays a BNN's latent space out with one compiled trace.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -39,7 +38,7 @@ from numpyro.infer.initialization import init_to_median
 from numpyro.primitives import Messenger, apply_stack
 
 from ngvi.errors import ModelError
-from ngvi.target import Site, Target, check_observed, model_failed, observed_facts
+from ngvi.model.target import Site, Target, check_observed, model_failed, observed_facts
 
 __all__ = [
     "Layer",
@@ -49,11 +48,8 @@ __all__ = [
     "data_plate",
     "LAYER",
     "LayerTap",
-    "Metrics",
     "FisherLogLik",
     "dense",
-    "evaluate_bnn",
-    "expected_calibration_error",
     "layer_markers",
     "mlp",
 ]
@@ -253,63 +249,6 @@ def fast_target(model, args: tuple, kwargs: dict, rng_key) -> Target:
         offset += size
     signature = ";".join(f"{s.name}{s.shape}{s.support}" for s in sites)
     return Target(model, tuple(sites), int(z0.size), z0, unravel, info["sub"], signature)
-
-
-# -- Monte Carlo prediction ------------------------------------------------------------------
-class Metrics(NamedTuple):
-    """Predictive quality on held-out data (Monte Carlo over weight samples)."""
-
-    nll: float  # -mean_n log (1/S sum_s p(y_n | x_n, w_s))
-    accuracy: float  # classification only (NaN otherwise)
-    ece: float  # expected calibration error, 15 equal-width confidence bins (classification)
-    rmse: float  # regression only (NaN otherwise)
-
-
-_CATEGORICAL = (dist.CategoricalLogits, dist.CategoricalProbs)
-
-
-def _observed(model, sample: dict, X, y):
-    """Log-likelihood per example and the predictive mean (class probabilities or the mean) of
-    the model's first observed site, for one weight sample."""
-    tr = trace(substitute(seed(model, 0), data=sample)).get_trace(X, y=y)
-    site = next(s for s in tr.values() if s["type"] == "sample" and s["is_observed"])
-    fn = site["fn"]
-    while isinstance(fn, (dist.ExpandedDistribution, dist.Independent)):
-        fn = fn.base_dist
-    out = fn.probs if isinstance(fn, _CATEGORICAL) else fn.mean
-    return fn.log_prob(site["value"]), out, jnp.asarray(isinstance(fn, _CATEGORICAL))
-
-
-@functools.lru_cache(maxsize=16)
-def _predictor(model: Callable):
-    return jax.jit(jax.vmap(lambda s, X, y: _observed(model, s, X, y), in_axes=(0, None, None)))
-
-
-def evaluate_bnn(model, samples: dict, X: jax.Array, y: jax.Array, bins: int = 15) -> Metrics:
-    """Test metrics of the Monte Carlo predictive ``p(y | x) ~ 1/S sum_s p(y | x, w_s)``;
-    ``samples`` maps latent site names to (S, ...) draws (``sample_posterior``)."""
-    S = next(iter(samples.values())).shape[0]
-    logp, out, categorical = _predictor(model)(samples, X, y)
-    nll = -float(jnp.mean(jax.nn.logsumexp(logp, axis=0) - math.log(S)))
-    mean = jnp.mean(out, axis=0)
-    if not bool(categorical[0]):
-        return Metrics(nll, math.nan, math.nan, float(jnp.sqrt(jnp.mean((mean - y) ** 2))))
-    acc = float(jnp.mean(jnp.argmax(mean, -1) == y))
-    return Metrics(nll, acc, expected_calibration_error(mean, y, bins), math.nan)
-
-
-def expected_calibration_error(probs: jax.Array, y: jax.Array, bins: int = 15) -> float:
-    """ECE = sum_b (n_b / n) |accuracy_b - confidence_b| over equal-width confidence bins
-    (Guo et al. 2017)."""
-    conf = np.asarray(jnp.max(probs, -1))
-    correct = np.asarray(jnp.argmax(probs, -1) == y, dtype=float)
-    which = np.minimum((conf * bins).astype(int), bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        mask = which == b
-        if mask.any():
-            ece += mask.mean() * abs(correct[mask].mean() - conf[mask].mean())
-    return float(ece)
 
 
 # -- minibatch plumbing shared by the BNN models --------------------------------------------

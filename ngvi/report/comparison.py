@@ -1,4 +1,4 @@
-"""NGVI beside ADVI on one model, measured honestly (see ``ngvi.scoring``).
+"""NGVI beside ADVI on one model, measured honestly (see ``ngvi.report.scoring``).
 
 Every method is run in jitted scanned chunks of ``every`` steps; after each chunk its variational
 parameters are scored by ONE common-random-numbers ELBO. The reference is the mean-field family
@@ -19,13 +19,13 @@ import optax
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
 
-from ngvi.baselines import advi_flat
+from ngvi.engine.infer import NGVI
 from ngvi.errors import ConfigError
-from ngvi.guides import MeanFieldGaussian
-from ngvi.infer import NGVI
-from ngvi.scoring import first_touch, make_elbo_scorer, meanfield_optimum, steps_to_within
-from ngvi.target import join_data as _join_data
-from ngvi.target import split_data as _split_data
+from ngvi.guides.meanfield import MeanFieldGaussian
+from ngvi.model.target import join_data as _join_data
+from ngvi.model.target import split_data as _split_data
+from ngvi.report.baselines import advi_flat
+from ngvi.report.scoring import first_touch, make_elbo_scorer, meanfield_optimum, steps_to_within
 
 __all__ = ["MethodTrace", "trace_ngvi", "trace_advi", "compare_vi", "compare", "verdicts"]
 
@@ -313,7 +313,7 @@ def compare(
     default the first two) beside it (``out_marginals.png``, ``out_pair.png``)."""
     import pandas as pd
 
-    from ngvi.diagnostics import psis_diagnostic
+    from ngvi.report.diagnostics import psis_diagnostic
 
     unknown = set(methods) - {"ngvi", "fullrank", "advi", "nuts"}
     if unknown:
@@ -373,8 +373,8 @@ def compare(
 def _fullrank(model, args, kwargs, steps, num_draws, key):
     """Full-rank NGVI (variational online Newton): draws and a table row (k-hat; its time
     includes compilation, as it has no fixed-noise scorer here)."""
-    from ngvi.diagnostics import psis_diagnostic
-    from ngvi.fullrank import FullRankGaussian
+    from ngvi.guides.fullrank import FullRankGaussian
+    from ngvi.report.diagnostics import psis_diagnostic
 
     guide = FullRankGaussian(model)
     t0 = time.perf_counter()
@@ -395,7 +395,7 @@ def _fullrank(model, args, kwargs, steps, num_draws, key):
 def _plots(path: str, extras: dict, draws: dict, pair=None) -> None:
     from pathlib import Path
 
-    from ngvi.plots import plot_elbo, plot_marginals, plot_pair
+    from ngvi.report.plots import plot_elbo, plot_marginals, plot_pair
 
     traces = {
         t.method: {"steps": t.steps, "seconds": t.steps * t.step_seconds, "elbo": t.elbo}

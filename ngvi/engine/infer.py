@@ -27,11 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ngvi.checkpoint import load_checkpoint, save_checkpoint
+from ngvi.engine.checkpoint import load_checkpoint, save_checkpoint
 from ngvi.errors import ConfigError, FitError
-from ngvi.guides import Guide, tree_vdot
-from ngvi.target import join_data as _join_data
-from ngvi.target import split_data as _split_data
+from ngvi.guides.base import Guide, tree_vdot
+from ngvi.model.target import join_data as _join_data
+from ngvi.model.target import split_data as _split_data
 
 __all__ = ["NGVI", "NGVIInfo", "NGVIRunResult", "NGVIState"]
 

@@ -30,7 +30,7 @@ from numpyro.infer.initialization import init_to_median, init_to_uniform
 from numpyro.infer.util import constrain_fn, log_density
 
 from ngvi.errors import DataError, ModelError
-from ngvi.logspace import stable_potential_energy
+from ngvi.numerics.logspace import stable_potential_energy
 
 __all__ = ["Site", "Target", "make_target", "split_data", "join_data"]
 

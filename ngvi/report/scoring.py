@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.optimize import minimize
 
-from ngvi.target import Target
+from ngvi.model.target import Target
 
 __all__ = ["crn_noise", "first_touch", "make_elbo_scorer", "meanfield_optimum", "steps_to_within"]
 

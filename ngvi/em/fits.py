@@ -23,8 +23,10 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
+import numpyro.distributions as dist
 
-from ngvi.em import (
+from ngvi.em.core import (
     BayesGMMPrior,
     NormalGamma,
     bayes_gmm_elbo,
@@ -36,6 +38,23 @@ from ngvi.em import (
     robbins_monro,
 )
 from ngvi.families import Bernoulli, Categorical, FullRankGaussian, Params
+
+__all__ = [
+    "BernoulliMixtureParams",
+    "CAVIResult",
+    "EMResult",
+    "GMMParams",
+    "SVIResult",
+    "VBParams",
+    "VBState",
+    "fit_bernoulli_mixture",
+    "fit_cavi_gmm",
+    "fit_gmm",
+    "fit_svi_gmm",
+    "init_bayes_gmm",
+    "init_gmm",
+    "vb_distance",
+]
 
 Array = jax.Array
 _PRIOR = BayesGMMPrior()
@@ -341,22 +360,18 @@ def _cavi_jit(X, state: VBState, prior: BayesGMMPrior, num_iters: int, keep: boo
 # ------------------------------------------------------------------- stochastic VI
 
 
-@jax.jit(static_argnums=(2, 3, 4))
-def _numpyro_minibatch(key, X, K: int, batch_size: int, prior: BayesGMMPrior):
-    """Indices and likelihood scale drawn by ``models.bayes_gmm.model``'s subsampled plate.
+@jax.jit(static_argnums=(1, 2))
+def _numpyro_minibatch(key, n: int, batch_size: int):
+    """Indices and likelihood scale drawn by ``numpyro.plate("data", n, subsample_size=B)``,
+    the data plate of ``models/bayes_gmm.py`` (the scale is read from a site under it)."""
+    from numpyro.handlers import seed, trace
 
-    The latent sites are substituted by placeholders (only the plate is random here), so no
-    Gamma / Dirichlet sampler is traced.
-    """
-    from numpyro.handlers import seed, substitute, trace
+    def plate():
+        with numpyro.plate("data", n, subsample_size=batch_size):
+            numpyro.sample("x", dist.Normal(), obs=0.0)
 
-    from models import bayes_gmm
-
-    ones = jnp.ones((K, X.shape[1]), X.dtype)
-    values = {"weights": jnp.full((K,), 1.0 / K, X.dtype), "tau": ones, "mu": 0.0 * ones}
-    model = substitute(seed(bayes_gmm.model, key), values)
-    tr = trace(model).get_trace(X=X, K=K, subsample_size=batch_size, prior=prior)
-    return tr["data"]["value"], tr["X"]["scale"]
+    tr = trace(seed(plate, key)).get_trace()
+    return tr["data"]["value"], tr["x"]["scale"]
 
 
 def fit_svi_gmm(
@@ -389,7 +404,7 @@ def fit_svi_gmm(
     if init is None:
         sub = X[jax.random.choice(k_sub, n, (min(n, 2000),), replace=False)]
         init = init_bayes_gmm(sub, K, prior, k_init, n / sub.shape[0])
-    plate_scale = float(_numpyro_minibatch(k_sub, X, K, batch_size, prior)[1])
+    plate_scale = float(_numpyro_minibatch(k_sub, n, batch_size)[1])
     if not np.isclose(plate_scale, n / batch_size, rtol=1e-6):
         raise AssertionError(f"NumPyro plate scale {plate_scale} != N/B = {n / batch_size}")
     if subsample not in ("numpyro", "uniform"):
@@ -407,7 +422,7 @@ def _svi_loop(X, state, key, scale, tau, kappa, prior, subsample, batch_size, nu
 
     def draw(key):
         if subsample == "numpyro":
-            return _numpyro_minibatch(key, X, k, batch_size, prior)[0]
+            return _numpyro_minibatch(key, X.shape[0], batch_size)[0]
         return jax.random.randint(key, (batch_size,), 0, X.shape[0])
 
     def body(state, t):

@@ -30,9 +30,9 @@ from numpyro.infer.initialization import init_to_uniform
 from numpyro.infer.util import log_density
 
 from ngvi.errors import ConfigError, DataError, ModelError
-from ngvi.guides import Guide
-from ngvi.target import join_data as _join_data
-from ngvi.target import split_data as _split_data
+from ngvi.guides.base import Guide
+from ngvi.model.target import join_data as _join_data
+from ngvi.model.target import split_data as _split_data
 
 __all__ = [
     "ModelLayout",

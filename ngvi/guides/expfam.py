@@ -16,8 +16,8 @@ domain (every domain here is a box: ``a > 0``, ``b > 0``, ``-1/(2 sigma^2) < 0``
 factor to half the distance to the boundary, so every iterate is a valid distribution.
 
 **Gradient estimators** (``estimator=``, one name for every site or ``{site: name}``; the
-formulas and their variances are in ``ngvi.expfam_estimators``), for ``f(x) = log p(data, x)`` in
-the factor's own space:
+formulas and their variances are in ``ngvi.guides.expfam_estimators``), for
+``f(x) = log p(data, x)`` in the factor's own space:
 
 * ``"pathwise"``: ``nat = -F(eta)^-1 grad_eta L`` with the family's closed-form
   ``fisher_inverse`` and the engine's autodiff gradient of ``L = -ELBO``, which flows through the
@@ -68,14 +68,14 @@ from numpyro.distributions.transforms import (
 )
 
 from ngvi.errors import ConfigError
-from ngvi.expfam_estimators import (
+from ngvi.families import Beta, DiagGaussian, Dirichlet, ExpFamily, Exponential, Gamma
+from ngvi.guides.base import Guide, default_precision_schedule
+from ngvi.guides.expfam_estimators import (
     CONTROL_VARIATES,
     regression_natural_params,
     score_natural_gradient,
 )
-from ngvi.families import Beta, DiagGaussian, Dirichlet, ExpFamily, Exponential, Gamma
-from ngvi.guides import Guide, default_precision_schedule
-from ngvi.target import Site, Target
+from ngvi.model.target import Site, Target
 
 __all__ = ["ExpFamilyGuide", "SiteFactor", "regression_natural_params"]
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from numpyro.handlers import seed, substitute, trace
 
-from ngvi.nn import FisherLogLik, LayerTap
+from ngvi.model.layers import FisherLogLik, LayerTap
 
 __all__ = [
     "damped_factors",

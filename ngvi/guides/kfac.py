@@ -48,7 +48,7 @@ fit), so it mis-scales the step and the posterior covariance (Kunstner et al. 20
 ``F_ij = E[a_i^2 g_j^2]`` (the per-example squared gradients of VOGN), and a diagonal Gaussian
 ``sigma_ij^2 = 1 / (N F_ij + prior_precision)``. Latent sites outside any layer (a noise scale)
 get a mean-field Gaussian with ``MeanFieldGaussian``'s natural step. Curvature estimation lives
-in ``ngvi.curvature``, minibatch training in ``ngvi.bnn``.
+in ``ngvi.guides.curvature``, minibatch training in ``ngvi.nn.train``.
 """
 
 from __future__ import annotations
@@ -64,8 +64,9 @@ import numpy as np
 import numpyro.distributions as dist
 from jax import lax
 
-from ngvi.bnn import FitResult, bnn_engine, fit_bnn, minibatches
-from ngvi.curvature import (
+from ngvi.errors import ConfigError
+from ngvi.guides.base import Guide
+from ngvi.guides.curvature import (
     damped_factors,
     kfac_precondition,
     layer_fisher_stats,
@@ -75,23 +76,18 @@ from ngvi.curvature import (
     spd_inverse_root,
     tri_logdet,
 )
-from ngvi.errors import ConfigError
-from ngvi.guides import Guide, MeanFieldGaussian
-from ngvi.nn import FisherLogLik, Layer, LayerTap, fast_target, find_layers
-from ngvi.target import Target
+from ngvi.guides.meanfield import MeanFieldGaussian
+from ngvi.model.layers import FisherLogLik, Layer, LayerTap, fast_target, find_layers
+from ngvi.model.target import Target
 
 __all__ = [
     "DiagonalFisherGuide",
-    "FitResult",
     "KFACGuide",
     "Layer",
-    "bnn_engine",
     "damped_factors",
     "fast_target",
-    "fit_bnn",
     "kfac_precondition",
     "layer_fisher_stats",
-    "minibatches",
 ]
 
 _LOG_2PIE = math.log(2 * math.pi * math.e)
@@ -349,7 +345,7 @@ class KFACGuide(Guide):
     def batch_grads(self, params: dict, ctx, step) -> tuple[dict, dict]:
         """Layer inputs and per-example log-likelihood gradients w.r.t. pre-activations for one
         weight sample (``ctx.eps[0]``, the engine's first particle) on the step's minibatch
-        (``ctx.model_key`` reproduces the engine's subsample); ``ngvi.curvature``'s
+        (``ctx.model_key`` reproduces the engine's subsample); ``ngvi.guides.curvature``'s
         ``layer_gradients``, with the targets resampled from the model for the true Fisher."""
         key = self._stats_key(ctx, step)
         mkey = key if ctx.model_key is None else ctx.model_key

@@ -54,8 +54,8 @@ import numpyro.distributions as dist
 from jax.scipy.linalg import solve_triangular
 
 from ngvi.errors import ConfigError
-from ngvi.guides import Guide, check_callable, check_positive, default_precision_schedule
-from ngvi.target import Target
+from ngvi.guides.base import Guide, check_callable, check_positive, default_precision_schedule
+from ngvi.model.target import Target
 
 __all__ = [
     "AUTO_EXACT_MAX_DIM",

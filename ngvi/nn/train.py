@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ngvi.engine.infer import NGVI
 from ngvi.errors import ConfigError
-from ngvi.guides import Guide
-from ngvi.nn import evaluate_bnn
+from ngvi.guides.base import Guide
+from ngvi.nn.metrics import evaluate_bnn
 
 __all__ = ["FitResult", "bnn_engine", "fit_bnn", "minibatches"]
 
@@ -52,16 +53,12 @@ def bnn_engine(guide: Guide, *, lr: float = 0.1, num_particles: int = 1, **kwarg
       that minibatch's optimum (measured: rejected steps and a damping spiral), 0.1 averages
       about ten minibatches, like the step size of VOGN/IVON.
     """
-    from ngvi.infer import NGVI
-
     return NGVI(guide.model, guide, lr=lr, num_particles=num_particles, **kwargs)
 
 
 def _driver(engine):
     """(engine, init, update, get_params, sampler) for an NGVI engine or a NumPyro SVI object."""
     from numpyro.infer import SVI
-
-    from ngvi.infer import NGVI
 
     if isinstance(engine, Guide):
         engine = bnn_engine(engine)

@@ -18,7 +18,7 @@ from numpyro.infer import MCMC, NUTS, SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 from ngvi.errors import ConfigError
-from ngvi.target import Target
+from ngvi.model.target import Target
 
 __all__ = ["ADVIResult", "advi", "advi_flat", "nuts"]
 

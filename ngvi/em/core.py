@@ -326,36 +326,3 @@ def bayes_gmm_elbo(
     kl_pi = Dirichlet(eta_pi[0].shape[-1]).kl(eta_pi, prior_pi)
     kl_ng = jnp.sum(NormalGamma().kl(eta_ng, prior_ng))
     return jnp.sum(r * log_joint) + entropy - kl_pi - kl_ng
-
-
-# ---------------------------------------------------------------------------- fits (lazy)
-_FITS = (
-    "BernoulliMixtureParams",
-    "CAVIResult",
-    "EMResult",
-    "GMMParams",
-    "SVIResult",
-    "VBParams",
-    "VBState",
-    "fit_bernoulli_mixture",
-    "fit_cavi_gmm",
-    "fit_gmm",
-    "fit_svi_gmm",
-    "init_bayes_gmm",
-    "init_gmm",
-    "vb_distance",
-)
-__all__ += list(_FITS)
-
-
-def __getattr__(name: str):
-    """Re-export the model fits of ``ngvi.em_models`` lazily (it imports this module)."""
-    if name in _FITS:
-        from ngvi import em_models
-
-        return getattr(em_models, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_FITS))

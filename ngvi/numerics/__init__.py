@@ -1,0 +1,6 @@
+"""Numerics shared by every layer (log-space densities of constrained sites). Imports nothing
+from ngvi but ``ngvi.errors``."""
+
+from ngvi.numerics.logspace import logspace_site, stable_potential_energy, stick_breaking_log
+
+__all__ = ["logspace_site", "stable_potential_energy", "stick_breaking_log"]
