@@ -226,7 +226,7 @@ def test_meanfield_scales_to_a_million_latent_dimensions():
 def test_mc_error_averages_antithetic_pairs_first():
     """The accept rule's Monte Carlo error: pairs (k, k + K/2) are one unit, so a difference that
     is odd in the noise has no error, and independent units give std / sqrt(n)."""
-    from ngvi.engine.infer import _mc_error
+    from ngvi.engine.step import mc_error as _mc_error
 
     half = jnp.array([0.3, -1.2, 2.0, 0.7])
     assert float(_mc_error(jnp.concatenate([half, -half]))) == 0.0

@@ -10,7 +10,8 @@ and Levenberg-Marquardt adaptation of the damping from ``rho = actual / predicte
 ``predicted = -<g, theta' - theta> / 2`` (exact for a Newton step on a quadratic): shrink it when
 ``rho > 3/4``, grow it when ``rho < 1/4``, grow it more on a rejected step. A rejected step keeps
 the last good parameters. The RNG key and the step count live in the state, so ``update`` is pure
-and a run resumed from a saved state is bit-identical to one that never stopped.
+and a run resumed from a saved state is bit-identical to one that never stopped. ``NGVI._step``
+composes these lines from the pure pieces of ``ngvi.engine.step``.
 """
 
 from __future__ import annotations
@@ -28,8 +29,15 @@ import numpy as np
 from jax import lax
 
 from ngvi.engine.checkpoint import load_checkpoint, save_checkpoint
+from ngvi.engine.step import (
+    Verdict,
+    averaging_weight,
+    judge,
+    levenberg_marquardt,
+    trust_region,
+)
 from ngvi.errors import ConfigError, FitError
-from ngvi.guides.base import Guide, tree_vdot
+from ngvi.guides.base import Guide
 from ngvi.model.target import join_data as _join_data
 from ngvi.model.target import split_data as _split_data
 
@@ -80,21 +88,6 @@ class NGVIRunResult(NamedTuple):
     num_rejected: int
     info: NGVIInfo
     interrupted: bool = False
-
-
-def _mc_error(diff: jax.Array) -> jax.Array:
-    """Standard error of ``mean(diff)`` over particles; antithetic pairs (k, k + K/2) are
-    averaged first since they are not independent. Zero (no estimate) below two units."""
-    k = diff.shape[0]
-    units = 0.5 * (diff[: k // 2] + diff[k // 2 :]) if k % 2 == 0 and k >= 4 else diff
-    n = units.shape[0]
-    if n < 2:
-        return jnp.zeros((), diff.dtype)
-    return jnp.std(units, ddof=1) / jnp.sqrt(n)
-
-
-def _all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 class NGVI:
@@ -179,57 +172,24 @@ class NGVI:
         return self._neg_elbo_and_logp(params, eps, data, model_key)[0]
 
     def _step(self, state: NGVIState, data, tol) -> tuple[NGVIState, NGVIInfo]:
-        key, k_eps, k_model = jax.random.split(state.rng_key, 3)
-        k_guide = jax.random.fold_in(k_model, 1)
-        eps = self.guide.base_noise(k_eps, self.num_particles)
-        model_key = k_model if self.guide.target.has_subsample else None
-        loss_and_logp = lambda p: self._neg_elbo_and_logp(p, eps, data, model_key)
-        loss_fn = lambda p: loss_and_logp(p)[0]
-        ctx = StepContext(eps, data, model_key, loss_fn, k_guide)
-        (loss, logp), grad, curvature = self.guide.value_and_grad(
-            loss_and_logp, state.params, state.step, ctx
+        """The boxed update of the module docstring, one line a call."""
+        key, ctx = self._context(state, data)
+        (loss, logp), grad, ctx = self._gradient(state, ctx)  # g = grad L(theta)
+        proposal, full_step, frac = self._propose(state, grad, ctx)  # theta - lr (F+d)^-1 g
+        z_new = self.guide.reparam_proposal(state.params, proposal, ctx.eps, ctx)
+        new_loss, new_logp = self._neg_elbo_and_logp(
+            proposal, ctx.eps, data, ctx.model_key, z_new
+        )  # L(theta') on the same noise
+        verdict = judge(
+            loss, logp, grad, proposal, new_loss, new_logp, full_step, frac, self.guide.crn_descent
         )
-        ctx = ctx._replace(curvature=curvature)
-        proposal = self.guide.natural_step(
-            state.params, grad, self.lr, state.damping, state.step, ctx
-        )
-        full_step = jax.tree.map(jnp.subtract, proposal, state.params)
-        proposal, frac = self._trust_region(state.params, proposal, full_step)
-        z_new = self.guide.reparam_proposal(state.params, proposal, eps, ctx)
-        new_loss, new_logp = self._neg_elbo_and_logp(proposal, eps, data, model_key, z_new)
-        actual = loss - new_loss
-        # A guide whose step is a descent step on this common-random-numbers loss (VON, K-FAC)
-        # is judged by the loss itself. One whose direction comes from another estimator
-        # (regression, score function) is only judged by changes beyond the loss's Monte Carlo
-        # error: near the optimum the sign of a smaller change is a coin flip, and rejecting on
-        # it would ratchet the damping up until the fit froze.
-        if self.guide.crn_descent:
-            tolerance, significant = jnp.zeros_like(actual), jnp.array(True)
-        else:
-            tolerance = 2.0 * _mc_error(new_logp - logp)
-            significant = jnp.abs(actual) > tolerance
-        # quadratic-model decrease of the step cut to a fraction t of a Newton step: (t - t^2/2)
-        predicted = -(frac - 0.5 * frac**2) * tree_vdot(grad, full_step)
-        finite_here = jnp.isfinite(loss) & _all_finite(grad)
-        finite_proposal = _all_finite(proposal)
-        finite = finite_here & finite_proposal & jnp.isfinite(new_loss)
-        slack = 16 * jnp.finfo(loss.dtype).eps * (jnp.abs(loss) + 1.0)  # rounding, not a worse fit
-        accept = finite & (actual >= -jnp.maximum(slack, tolerance))
-        damping = self._adapt(state.damping, accept, actual, predicted, significant)
-        params = jax.tree.map(lambda a, b: jnp.where(accept, a, b), proposal, state.params)
-        # iterate averaging over a window that grows with the run (the last ~10% of accepted
-        # steps, capped by ``average``): early iterates are forgotten, late noise averages out
+        damping = self._adapt(state.damping, verdict)
+        params = jax.tree.map(lambda a, b: jnp.where(verdict.accept, a, b), proposal, state.params)
         n = (state.step - state.num_rejected).astype(loss.dtype)
-        w = jnp.maximum(1.0 / (1.0 + 0.1 * n), 1.0 - self.average)
-        avg = self.guide.average(state.avg_params, params, jnp.where(accept, w, 0.0))
-        # the averaged-iterate KL drives the stopping rule only: skip it when there is no tol
-        kl = lax.cond(
-            tol > 0,
-            lambda: self.guide.kl(state.avg_params, avg).astype(loss.dtype),
-            lambda: jnp.zeros((), loss.dtype),
-        )
-        calm = jnp.where(kl < tol, state.calm_steps + 1, 0)
-        rejected = (~accept).astype(jnp.int32)
+        w = jnp.where(verdict.accept, averaging_weight(n, self.average), 0.0)
+        avg = self.guide.average(state.avg_params, params, w)
+        kl, calm = self._calm(state, avg, tol, loss.dtype)
+        rejected = (~verdict.accept).astype(jnp.int32)
         new_state = NGVIState(
             params,
             avg,
@@ -237,62 +197,58 @@ class NGVI:
             key,
             state.step + 1,
             state.num_rejected + rejected,
-            jnp.where(accept, 0, state.consecutive_rejected + 1),
+            jnp.where(verdict.accept, 0, state.consecutive_rejected + 1),
             calm,
         )
-        step_kl = (
-            jnp.where(accept, self.guide.kl(state.params, params), 0.0)
-            if self.max_kl is not None
-            else jnp.full((), jnp.nan, loss.dtype)
+        step_kl = self._step_kl(state.params, params, verdict.accept, loss.dtype)
+        return new_state, NGVIInfo(loss, verdict.accept, state.damping, kl, step_kl, verdict.reason)
+
+    def _context(self, state: NGVIState, data) -> tuple[jax.Array, StepContext]:
+        """The next state key and this step's noise, model key and loss on them."""
+        key, k_eps, k_model = jax.random.split(state.rng_key, 3)
+        eps = self.guide.base_noise(k_eps, self.num_particles)
+        model_key = k_model if self.guide.target.has_subsample else None
+        loss_fn = lambda p: self._neg_elbo(p, eps, data, model_key)
+        return key, StepContext(eps, data, model_key, loss_fn, jax.random.fold_in(k_model, 1))
+
+    def _gradient(self, state: NGVIState, ctx: StepContext):
+        """((L, log p per particle), grad L, ctx with the guide's curvature) at ``state.params``."""
+        loss_and_logp = lambda p: self._neg_elbo_and_logp(p, ctx.eps, ctx.data, ctx.model_key)
+        value, grad, curvature = self.guide.value_and_grad(
+            loss_and_logp, state.params, state.step, ctx
         )
-        reason = jnp.select(
-            [accept, ~finite_here, ~finite_proposal],
-            [0, 1, 2],
-            jnp.where(jnp.isfinite(new_loss), 4, 3),
-        ).astype(jnp.int32)
-        return new_state, NGVIInfo(loss, accept, state.damping, kl, step_kl, reason)
+        return value, grad, ctx._replace(curvature=curvature)
 
-    def _trust_region(self, params, proposal, full_step):
-        """(params + t * full_step, t) with the largest t in [0, 1] (1, else 30 bisection
-        halvings) such that KL(q(params) || q(params + t full_step)) <= max_kl."""
-        one = jnp.ones((), params_dtype(params))
-        if self.max_kl is None:
-            return proposal, one
+    def _propose(self, state: NGVIState, grad, ctx: StepContext):
+        """(proposal, full natural step, fraction t of it kept by the KL trust region)."""
+        proposal = self.guide.natural_step(
+            state.params, grad, self.lr, state.damping, state.step, ctx
+        )
+        full_step = jax.tree.map(jnp.subtract, proposal, state.params)
+        proposal, frac = trust_region(self.guide.kl, state.params, proposal, full_step, self.max_kl)
+        return proposal, full_step, frac
 
-        def at(t):
-            return jax.tree.map(lambda p, d: p + t * d, params, full_step)
-
-        def fits(t):
-            return self.guide.kl(params, at(t)) <= self.max_kl  # NaN -> False
-
-        def halve(_, lo_hi):
-            lo, hi = lo_hi
-            mid = 0.5 * (lo + hi)
-            ok = fits(mid)
-            return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-        lo, _ = lax.fori_loop(0, 30, halve, (0.0 * one, one))
-        full = fits(one)
-        t = jnp.where(full, one, lo)
-        return jax.tree.map(lambda a, b: jnp.where(full, a, b), proposal, at(t)), t
-
-    def _adapt(self, damping, accept, actual, predicted, significant):
-        """Levenberg-Marquardt rule (Martens & Grosse 2015, sec. 6.5), NaN counts as failure.
-
-        ``rho = actual / predicted``: shrink the damping by 0.77 above 0.75, grow it by 1/0.77
-        below 0.25, and by 4 on a rejected step. A change in the loss within its own Monte Carlo
-        error (``significant`` false, only for guides whose step is not a descent step on the
-        common-random-numbers loss) says nothing about the damping: an accepted one shrinks it."""
+    def _adapt(self, damping, verdict: Verdict):
+        """Levenberg-Marquardt adaptation (``step.levenberg_marquardt``) when enabled."""
         if not self.adapt_damping:
             return damping
-        rho = jnp.where(predicted > 0, actual / predicted, 1.0)
-        floor = self.damping
-        shrunk = jnp.maximum(0.77 * damping, floor)
-        new = jnp.where(rho > 0.75, shrunk, damping)
-        new = jnp.where(rho < 0.25, jnp.maximum(damping / 0.77, 1e-2), new)
-        new = jnp.where(significant, new, shrunk)
-        new = jnp.where(accept, new, jnp.maximum(4.0 * damping, 0.1))
-        return jnp.where(new < 1e-3 + floor, floor, new)
+        return levenberg_marquardt(damping, verdict, self.damping)
+
+    def _calm(self, state: NGVIState, avg, tol, dtype):
+        """(KL(avg_old || avg_new), consecutive steps with that KL below ``tol``); the KL drives
+        the stopping rule only, so it is skipped when there is no ``tol``."""
+        kl = lax.cond(
+            tol > 0,
+            lambda: self.guide.kl(state.avg_params, avg).astype(dtype),
+            lambda: jnp.zeros((), dtype),
+        )
+        return kl, jnp.where(kl < tol, state.calm_steps + 1, 0)
+
+    def _step_kl(self, old, new, accept, dtype):
+        """KL(q_old || q_new) of an accepted step (0 when rejected), with a trust region only."""
+        if self.max_kl is None:
+            return jnp.full((), jnp.nan, dtype)
+        return jnp.where(accept, self.guide.kl(old, new), 0.0)
 
     # -- jitted entry points --------------------------------------------------------------------
     def _compiled(self, name: str, spec, chunk: int = 0):
