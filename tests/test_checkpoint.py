@@ -60,7 +60,6 @@ def test_corrupt_and_mismatched_checkpoints_raise(tmp_path):
         )
 
 
-
 def test_empty_checkpoint_file_raises_checkpoint_error(tmp_path):
     """A 0-byte file (a disk that filled up, a crash before the first write) is corrupt, not an
     EOFError from numpy."""
@@ -71,6 +70,7 @@ def test_empty_checkpoint_file_raises_checkpoint_error(tmp_path):
         engine.run(
             jax.random.PRNGKey(0), 5, *args, progress_bar=False, checkpoint=str(path), **kwargs
         )
+
 
 CHILD = textwrap.dedent(
     """
