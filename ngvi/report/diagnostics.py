@@ -148,7 +148,12 @@ def _replay_draws(
 
 def _unsimulable(run: Callable, sites: tuple) -> dict:
     """``{site: error}`` of the observed sites whose simulation fails when traced alone (a
-    trace by ``jax.eval_shape``: nothing is compiled or run)."""
+    trace by ``jax.eval_shape``: nothing is compiled or run); empty when the replay fails
+    without simulating anything (the failure is elsewhere)."""
+    try:
+        jax.eval_shape(partial(run, ()))
+    except Exception:
+        return {}
     failed = {}
     for s in sites:
         try:
