@@ -60,6 +60,18 @@ def test_corrupt_and_mismatched_checkpoints_raise(tmp_path):
         )
 
 
+def test_empty_checkpoint_file_raises_checkpoint_error(tmp_path):
+    """A 0-byte file (a disk that filled up, a crash before the first write) is corrupt, not an
+    EOFError from numpy."""
+    engine, args, kwargs = _engine("normal_normal")
+    path = tmp_path / "fit.npz"
+    path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"unreadable or corrupt \(EOFError"):
+        engine.run(
+            jax.random.PRNGKey(0), 5, *args, progress_bar=False, checkpoint=str(path), **kwargs
+        )
+
+
 CHILD = textwrap.dedent(
     """
     import sys, time, jax, numpy as np
