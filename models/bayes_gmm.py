@@ -14,7 +14,7 @@ The assignments are marginalised (``MixtureSameFamily``). With
 likelihood by ``N / B``: ``ngvi.em.fit_svi_gmm`` takes its minibatches (and checks that
 scale) from this plate. The prior is a ``ngvi.em.BayesGMMPrior`` (``alpha0, m0, beta0, a0,
 b0``). ``data()`` returns iris (standardized petal length / width, as
-``models.gaussian_mixture``); ``synthetic(n, key)`` draws a large well-separated data set.
+``ngvi.models.gaussian_mixture``); ``synthetic(n, key)`` draws a large well-separated data set.
 Bishop (2006), Sec. 10.2; ``ngvi.em.NormalGamma`` is the conjugate family.
 """
 
@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
 
-from models.gaussian_mixture import load_iris_features
 from ngvi.em import BayesGMMPrior
+
+from .gaussian_mixture import load_iris_features
 
 K = 3
 PRIOR = BayesGMMPrior(alpha0=1.0, m0=0.0, beta0=1.0, a0=1.0, b0=1.0)

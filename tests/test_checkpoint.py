@@ -10,8 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-import models
-from ngvi import NGVI, MeanFieldGaussian
+from ngvi import NGVI, MeanFieldGaussian, models
 from ngvi.engine.checkpoint import CheckpointError
 
 
@@ -75,7 +74,7 @@ def test_empty_checkpoint_file_raises_checkpoint_error(tmp_path):
 CHILD = textwrap.dedent(
     """
     import sys, time, jax, numpy as np
-    import models
+    from ngvi import models
     from ngvi import NGVI, MeanFieldGaussian
     path, out, slow = sys.argv[1], sys.argv[2], sys.argv[3] == "slow"
     model, args, kwargs = models.load("eight_schools")

@@ -10,8 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np
 import pytest
 
-import models
-from ngvi import MeanFieldGaussian
+from ngvi import MeanFieldGaussian, models
 from ngvi.cli import main
 from ngvi.report.baselines import advi, advi_flat
 from ngvi.report.comparison import compare, compare_vi, format_table, verdicts

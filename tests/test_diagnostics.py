@@ -15,8 +15,8 @@ import numpyro  # noqa: E402
 import numpyro.distributions as dist  # noqa: E402
 import pytest  # noqa: E402
 
-import models  # noqa: E402
 import ngvi  # noqa: E402
+from ngvi import models  # noqa: E402
 from ngvi.errors import ConfigError, DataError  # noqa: E402
 from ngvi.report.diagnostics import (  # noqa: E402
     PSISResult,

@@ -13,7 +13,6 @@ import pytest  # noqa: E402
 from scipy.special import digamma as np_digamma  # noqa: E402
 from scipy.special import logsumexp as np_logsumexp  # noqa: E402
 
-from models import bayes_gmm, bernoulli_mixture, gaussian_mixture  # noqa: E402
 from ngvi import em  # noqa: E402
 from ngvi.families import (  # noqa: E402
     Bernoulli,
@@ -26,6 +25,7 @@ from ngvi.families import (  # noqa: E402
     Gamma,
     Poisson,
 )
+from ngvi.models import bayes_gmm, bernoulli_mixture, gaussian_mixture  # noqa: E402
 
 pytestmark = pytest.mark.x64  # float64 in this module only (tests/conftest.py)
 

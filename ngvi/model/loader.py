@@ -2,8 +2,9 @@
 
 A model file defines ``model(...)`` (or the function named after ``:``) and
 ``data() -> (args, kwargs)``. Bundled names are the entry points of the group ``ngvi.models``
-(the repository's ``models/`` package registers its files there in ``pyproject.toml``; another
-installed package can register its own), so the library names no model package itself.
+(the repository's ``models/`` folder, installed as ``ngvi.models``, registers its files there in
+``pyproject.toml``; another installed package can register its own), so the library names no
+model package itself.
 """
 
 from __future__ import annotations
