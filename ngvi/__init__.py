@@ -20,6 +20,7 @@ from ngvi.engine import (
     StepContext,
     data_mesh,
     load_checkpoint,
+    natural_gradient,
     save_checkpoint,
     shard_data,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "NGVIInfo",
     "NGVIRunResult",
     "StepContext",
+    "natural_gradient",
     "Guide",
     "MeanFieldGaussian",
     "FullRankGaussian",
