@@ -279,8 +279,12 @@ def _check_latent(site) -> None:
     if fn.support.is_discrete or getattr(fn, "is_discrete", False):
         raise ModelError(
             f"latent site '{name}' is discrete ({type(fn).__name__}, support {fn.support}): ngvi "
-            "fits continuous latent variables. Marginalize it out (e.g. dist.MixtureSameFamily "
-            "or a logsumexp over its values), observe it, or use ngvi.em for mixture models."
+            "fits continuous latent variables (it does not enumerate discrete sites). Marginalize "
+            "it out of the model (dist.MixtureSameFamily, or numpyro.factor with a logsumexp "
+            "over its values) and fit with ngvi.NGVI, or observe it. For a mixture of an array X "
+            "(N, D) rather than a model, ngvi.em fits it directly: ngvi.em.fit_gmm(X, K, "
+            "num_iters) (Gaussian, EM), ngvi.em.fit_cavi_gmm(X, K, num_iters) (Bayesian GMM, "
+            "VB), ngvi.em.fit_bernoulli_mixture(X, K, num_iters) (binary X)."
         )
 
 
