@@ -32,8 +32,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 
-import models
-from ngvi import MeanFieldGaussian
+from ngvi import MeanFieldGaussian, models
 from ngvi.report.comparison import compare_vi, format_table
 from ngvi.report.scoring import first_touch
 

@@ -8,9 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-import models
 import ngvi.guides
-from ngvi import NGVI, MeanFieldGaussian, load_checkpoint
+from ngvi import NGVI, MeanFieldGaussian, load_checkpoint, models
 from ngvi.cli import GUIDES, main
 
 TINY_BNN = textwrap.dedent(
