@@ -14,6 +14,7 @@ parameters of every iteration run stacked on a leading axis.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -249,7 +250,7 @@ def fit_gmm(
     check_int("num_iters", num_iters)
     check_tol(tol)
     check_restarts(num_restarts, init)
-    if not (isinstance(reg_covar, (int, float)) and np.isfinite(reg_covar) and reg_covar >= 0):
+    if not (isinstance(reg_covar, numbers.Real) and np.isfinite(reg_covar) and reg_covar >= 0):
         raise ConfigError(f"reg_covar must be a finite number >= 0, got {reg_covar!r}.")
     if init is not None:
         shapes = {"weights": (K,), "means": (K, d), "covariances": (K, d, d)}

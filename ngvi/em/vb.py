@@ -11,6 +11,7 @@ conjugate diagonal Bayesian GMM (``models/bayes_gmm.py``) as natural steps on th
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -271,7 +272,7 @@ def _check_svi(n: int, batch_size, tau, kappa, subsample) -> None:
             f"(batch_size={n} is full-batch, damped CAVI)."
         )
     check_positive("tau", tau, " (rho_t = (t + tau)^-kappa; tau = 1 starts at rho = 1)")
-    if not (isinstance(kappa, (int, float)) and 0.5 < kappa <= 1):
+    if not (isinstance(kappa, numbers.Real) and 0.5 < kappa <= 1):
         raise ConfigError(
             f"kappa must be in (0.5, 1] (the Robbins-Monro conditions on rho_t = (t + tau)^-kappa"
             f"), got {kappa!r}."
@@ -303,7 +304,8 @@ def fit_svi_gmm(
     ``subsample="uniform"`` (default) draws the indices i.i.d. uniform, Hoffman et al.'s
     sampler, in ``O(B)`` per step; ``"numpyro"`` draws them with the model's
     ``numpyro.plate("data", N, subsample_size=B)`` (without replacement, but a partial
-    Fisher-Yates shuffle of ``arange(N)``: ``O(N)`` per step, ~60x slower at N = 1e6, B = 500).
+    Fisher-Yates shuffle of ``arange(N)``: ``O(N)`` per step; at N = 1e6, B = 500 on a CPU
+    ~45k rows/s against ~1.4M for ``"uniform"``).
     ``batch_size == N`` uses every row each step (scale 1). ``init`` defaults to
     ``init_bayes_gmm`` on a random subset of ``min(N, 2000)`` rows scaled to ``N``. ``tol``:
     stop once a step moves every ``E[mu]`` and ``E[pi]`` by less than ``tol`` (SVI has no exact
