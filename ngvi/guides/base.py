@@ -250,7 +250,8 @@ class Guide:
                 f"{missing}: it keeps no parameter store and will not sample its initial values. "
                 "Pass the fitted parameters: Predictive(model, guide=guide, "
                 "params=result.params), handlers.substitute(guide, data=result.params), or "
-                "Trace_ELBO().loss(key, result.params, model, guide, ...)."
+                "Trace_ELBO().loss(key, result.params, model, guide, ...); fit it with "
+                "ngvi.NGVI(model, guide).run (numpyro's SVI would start from no parameters)."
             )
         check_param_shapes(values, shapes, layout)
         return values
