@@ -403,6 +403,25 @@ def test_gamma_and_beta_inverse_cdfs_match_scipy():
     np.testing.assert_allclose(beta_icdf(q, a, 3.0), st.beta.ppf(q, a, 3.0), rtol=1e-8)
 
 
+def test_each_familys_marginal_quantiles_match_scipy():
+    """The inverse CDFs behind ExpFamilyGuide.quantiles, family by family."""
+    from ngvi import families as F
+
+    q = np.array([0.05, 0.5, 0.95])
+    cases = [
+        (F.Gamma(), F.Gamma.from_standard(3.0, 2.0), st.gamma(3.0, scale=0.5)),
+        (F.Exponential(), F.Exponential.from_standard(2.0), st.expon(scale=0.5)),
+        (F.Beta(), F.Beta.from_standard(2.0, 5.0), st.beta(2.0, 5.0)),
+        (F.DiagGaussian(), F.DiagGaussian.from_standard(1.0, 0.3), st.norm(1.0, 0.3)),
+    ]
+    for fam, eta, ref in cases:
+        np.testing.assert_allclose(fam.marginal_icdf(eta, q), ref.ppf(q), rtol=1e-8)
+    alpha = np.array([1.5, 2.0, 4.0])
+    got = F.Dirichlet(3).marginal_icdf(F.Dirichlet(3).from_standard(alpha), q[:, None])
+    ref = st.beta.ppf(q[:, None], alpha, alpha.sum() - alpha)
+    np.testing.assert_allclose(got, ref, rtol=1e-8)
+
+
 # -- item 4: parameters carry their model's layout ------------------------------------------------
 def _setup(model, args, guide_cls=ngvi.MeanFieldGaussian, kwargs=None, **kw):
     guide = guide_cls(model, **kw)

@@ -69,7 +69,6 @@ from numpyro.distributions.transforms import (
 
 from ngvi.errors import ConfigError
 from ngvi.families import Beta, DiagGaussian, Dirichlet, ExpFamily, Exponential, Gamma
-from ngvi.families.special import beta_icdf, gamma_icdf
 from ngvi.guides.base import Guide, check_quantiles, default_precision_schedule
 from ngvi.guides.expfam_estimators import (
     CONTROL_VARIATES,
@@ -465,18 +464,9 @@ class ExpFamilyGuide(Guide):
 
     def _site_quantiles(self, f: SiteFactor, eta: tuple, q: jax.Array) -> jax.Array:
         """Marginal quantiles ``(len(q),) + site.shape`` of one factor, constrained."""
-        d = f.family.to_numpyro(eta)  # batch shape: the site's (its unconstrained one: Gaussian)
-        q = q.reshape((-1,) + (1,) * len(d.batch_shape + d.event_shape))
-        if f.name == "gaussian":
-            return biject_to(f.site.support)(d.icdf(q))
-        if f.name == "gamma":
-            return gamma_icdf(q, d.concentration, d.rate)
-        if f.name == "exponential":
-            return -jnp.log1p(-q) / d.rate
-        if f.name == "beta":
-            return beta_icdf(q, d.concentration1, d.concentration0)
-        alpha = d.concentration  # Dirichlet: coordinate k is Beta(alpha_k, alpha_0 - alpha_k)
-        return beta_icdf(q, alpha, jnp.sum(alpha, -1, keepdims=True) - alpha)
+        q = q.reshape((-1,) + (1,) * len(f.batch_shape + f.family.event_shape))
+        x = f.family.marginal_icdf(eta, q)
+        return biject_to(f.site.support)(x) if f.on_unconstrained else x
 
     def quantiles(self, params: Mapping, quantiles) -> dict:
         """Marginal quantiles per site from each factor's own inverse CDF (Gamma, Beta,
