@@ -24,12 +24,13 @@ from ngvi.engine import (
     save_checkpoint,
     shard_data,
 )
-from ngvi.errors import ConfigError, DataError, FitError, ModelError, NGVIError
+from ngvi.errors import ConfigError, DataError, FitError, LayoutError, ModelError, NGVIError
 from ngvi.guides import (
     DiagonalFisherGuide,
     ExpFamilyGuide,
     FullRankGaussian,
     Guide,
+    GuideParams,
     KFACGuide,
     MeanFieldGaussian,
     kfac,
@@ -78,6 +79,8 @@ __all__ = [
     "DataError",
     "ConfigError",
     "FitError",
+    "LayoutError",
+    "GuideParams",
 ]
 
 _LAZY = {

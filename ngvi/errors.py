@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DataError", "FitError", "ModelError", "NGVIError"]
+__all__ = ["ConfigError", "DataError", "FitError", "LayoutError", "ModelError", "NGVIError"]
 
 
 class NGVIError(Exception):
@@ -21,6 +21,12 @@ class DataError(NGVIError, ValueError):
 
 class ConfigError(NGVIError, ValueError):
     """An invalid hyperparameter or option (lr <= 0, unknown site in per-site options, ...)."""
+
+
+class LayoutError(ConfigError):
+    """Guide parameters that do not belong to the guide they are given to: fitted to another
+    model (other latent sites or shapes) or another guide family. The message names both
+    layouts."""
 
 
 class FitError(NGVIError, RuntimeError):

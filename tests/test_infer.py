@@ -91,7 +91,9 @@ def test_run_result_api_and_no_recompile():
     assert out["tau"].shape == (50,) and np.all(out["tau"] > 0)
     assert out["y"].shape == (50, 8)
     draws = guide.sample_posterior(jax.random.PRNGKey(3), params, sample_shape=(7,))
-    assert set(draws) == {"mu", "tau", "theta_tilde"} and draws["theta_tilde"].shape == (7, 8)
+    # without the model's args the deterministic "theta" comes from the setup data (AutoNormal)
+    assert set(draws) == {"mu", "tau", "theta_tilde", "theta"}
+    assert draws["theta_tilde"].shape == (7, 8)
     with_det = guide.sample_posterior(
         jax.random.PRNGKey(3), params, *args, sample_shape=(7,), **kwargs
     )

@@ -80,7 +80,7 @@ class StepContext(NamedTuple):
 
 
 class NGVIRunResult(NamedTuple):
-    params: Any  # averaged parameters: use these
+    params: Any  # averaged parameters (GuideParams): use these
     state: NGVIState
     losses: jax.Array  # (num_steps,) negative ELBO per step
     num_steps: int  # steps actually run (earlier than asked if converged)
@@ -315,8 +315,10 @@ class NGVI:
         return target
 
     def get_params(self, state: NGVIState) -> Any:
-        """The averaged parameters (the fit to report)."""
-        return state.avg_params
+        """The averaged parameters (the fit to report) as ``GuideParams``: keyed by the guide's
+        ``numpyro.param`` names (for ``Predictive(params=...)``) and stamped with the model's
+        layout, so another model's guide refuses them."""
+        return self.guide.numpyro_params(state.avg_params)
 
     def run(
         self,

@@ -17,7 +17,9 @@ from .oracles import (
 )
 from .positive import Beta, Dirichlet, Exponential, Gamma
 from .special import (
+    beta_icdf,
     dirichlet_from_mean_log,
+    gamma_icdf,
     gamma_shape_from_log_ratio,
     inv_digamma,
     trigamma,
@@ -44,6 +46,8 @@ __all__ = [
     "stats_covariance",
     "inv_digamma",
     "gamma_shape_from_log_ratio",
+    "gamma_icdf",
+    "beta_icdf",
     "dirichlet_from_mean_log",
     "trigamma",
     "cg_solve",

@@ -197,6 +197,11 @@ class ExpFamily:
         """The equivalent ``numpyro.distributions.Distribution``."""
         raise NotImplementedError
 
+    def marginal_icdf(self, eta: Params, q: Array) -> Array:  # pragma: no cover - abstract
+        """Quantile ``q`` of each coordinate's marginal, ``q`` broadcast against
+        ``batch_shape + event_shape`` (for posterior summaries, not differentiated)."""
+        raise NotImplementedError
+
 
 def cg_solve(
     matvec: Callable[[Params], Params],

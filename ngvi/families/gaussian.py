@@ -117,6 +117,9 @@ class DiagGaussian(ExpFamily):
     def to_numpyro(self, eta: Params) -> dist.Normal:
         return dist.Normal(*self.standard(eta))
 
+    def marginal_icdf(self, eta: Params, q: Array) -> Array:
+        return dist.Normal(*self.standard(eta)).icdf(q)
+
 
 def _sym(a: Array) -> Array:
     return 0.5 * (a + jnp.swapaxes(a, -1, -2))

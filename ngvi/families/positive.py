@@ -23,8 +23,10 @@ from numpyro.distributions import constraints
 
 from .base import Array, ExpFamily, Params, solve_sym_2x2, sym_2x2
 from .special import (
+    beta_icdf,
     dirichlet_fisher_solve,
     dirichlet_from_mean_log,
+    gamma_icdf,
     gamma_shape_from_log_ratio,
     trigamma,
 )
@@ -94,6 +96,9 @@ class Gamma(ExpFamily):
     def to_numpyro(self, eta: Params) -> dist.Gamma:
         return dist.Gamma(*self.standard(eta))
 
+    def marginal_icdf(self, eta: Params, q: Array) -> Array:
+        return gamma_icdf(q, *self.standard(eta))
+
 
 @dataclasses.dataclass(frozen=True)
 class Exponential(ExpFamily):
@@ -145,6 +150,10 @@ class Exponential(ExpFamily):
 
     def to_numpyro(self, eta: Params) -> dist.Exponential:
         return dist.Exponential(-eta[0])
+
+    def marginal_icdf(self, eta: Params, q: Array) -> Array:
+        """``-log(1 - q) / rate``."""
+        return -jnp.log1p(-q) / -eta[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +224,9 @@ class Beta(ExpFamily):
     def to_numpyro(self, eta: Params) -> dist.Beta:
         return dist.Beta(*self.standard(eta))
 
+    def marginal_icdf(self, eta: Params, q: Array) -> Array:
+        return beta_icdf(q, *self.standard(eta))
+
 
 @dataclasses.dataclass(frozen=True)
 class Dirichlet(ExpFamily):
@@ -279,3 +291,8 @@ class Dirichlet(ExpFamily):
 
     def to_numpyro(self, eta: Params) -> dist.Dirichlet:
         return dist.Dirichlet(eta[0] + 1.0)
+
+    def marginal_icdf(self, eta: Params, q: Array) -> Array:
+        """Coordinate ``k`` of a Dirichlet is Beta(alpha_k, alpha_0 - alpha_k)."""
+        alpha = eta[0] + 1.0
+        return beta_icdf(q, alpha, jnp.sum(alpha, -1, keepdims=True) - alpha)

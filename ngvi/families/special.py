@@ -177,3 +177,51 @@ def _dirichlet_from_mean_log_jvp(primals, tangents):
     (m,), (dm,) = primals, tangents
     alpha = dirichlet_from_mean_log(m)
     return alpha, dirichlet_fisher_solve(alpha, dm)
+
+
+# ---------------------------------------------------------------------------
+# inverse CDFs (quantiles) of the Gamma and Beta distributions
+
+
+def _bisect(cdf, q: Array, lo: Array, hi: Array, iters: int) -> Array:
+    """The root of ``cdf(u) = q`` for ``cdf`` increasing on ``[lo, hi]`` by ``iters`` fixed
+    bisection steps (elementwise, jit/vmap-able; no gradient is defined through it)."""
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        below = cdf(mid) < q
+        return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, iters, body, (lo, hi))
+    return 0.5 * (lo + hi)
+
+
+def gamma_icdf(q: Array, concentration: Array, rate: Array | float = 1.0) -> Array:
+    """Quantile ``x`` of Gamma(a, rate): ``P(a, rate x) = q`` with ``P`` the regularized lower
+    incomplete gamma function, by bisection on ``log(rate x)`` over
+    ``[log tiny, log(a + 40 sqrt(a) + 60)]`` (100 steps: below the dtype's resolution; the
+    bracket holds every q up to 1 - 1e-20). Small shapes, whose quantiles underflow a linear
+    scale, are resolved in log space. (NumPyro's ``Gamma.icdf`` needs TensorFlow Probability.)"""
+    q, a = jnp.broadcast_arrays(jnp.asarray(q), jnp.asarray(concentration))
+    dtype = jnp.result_type(q, a, float)
+    q, a = q.astype(dtype), a.astype(dtype)
+    lo = jnp.full_like(a, jnp.log(jnp.finfo(dtype).tiny))
+    hi = jnp.log(a + 40.0 * jnp.sqrt(a) + 60.0)
+    log_y = _bisect(lambda u: jax.scipy.special.gammainc(a, jnp.exp(u)), q, lo, hi, 100)
+    return jnp.exp(log_y) / rate
+
+
+def beta_icdf(q: Array, concentration1: Array, concentration0: Array) -> Array:
+    """Quantile ``x`` of Beta(a, b): ``I_x(a, b) = q`` (regularized incomplete beta), by
+    bisection on ``logit x`` over the dtype's range (100 steps), so quantiles close to 0 or 1
+    keep their relative precision."""
+    q, a, b = jnp.broadcast_arrays(
+        jnp.asarray(q), jnp.asarray(concentration1), jnp.asarray(concentration0)
+    )
+    dtype = jnp.result_type(q, a, b, float)
+    q, a, b = q.astype(dtype), a.astype(dtype), b.astype(dtype)
+    edge = -jnp.log(jnp.finfo(dtype).tiny)
+    lo, hi = jnp.full_like(a, -edge), jnp.full_like(a, edge)
+    u = _bisect(lambda u: jax.scipy.special.betainc(a, b, jax.nn.sigmoid(u)), q, lo, hi, 100)
+    return jax.nn.sigmoid(u)

@@ -7,12 +7,15 @@ from ngvi.guides.expfam import ExpFamilyGuide
 from ngvi.guides.fullrank import FullRankGaussian
 from ngvi.guides.kfac import DiagonalFisherGuide, KFACGuide
 from ngvi.guides.meanfield import MeanFieldGaussian
+from ngvi.guides.params import GuideParams, ParamLayout
 
 __all__ = [
     "DiagonalFisherGuide",
     "ExpFamilyGuide",
     "FullRankGaussian",
     "Guide",
+    "GuideParams",
     "KFACGuide",
     "MeanFieldGaussian",
+    "ParamLayout",
 ]

@@ -1,33 +1,58 @@
 """Guides: variational families over a model's flat unconstrained latent vector.
 
-A guide is an ordinary NumPyro guide (``guide(*args, **kwargs)`` samples every latent site, so
-``numpyro.infer.Predictive(model, guide=guide, params=params)`` works) plus what the NGVI engine
-needs: a reparameterized sampler, the closed-form entropy, and ``natural_step``, which applies the
-closed-form inverse Fisher of the family to an ELBO gradient. The base class ``Guide`` holds what
-every family shares (model layout, NumPyro protocol, posterior sampling); families only write the
-math.
+A guide is an ordinary NumPyro guide plus what the NGVI engine needs: a reparameterized sampler,
+the closed-form entropy, and ``natural_step``, which applies the closed-form inverse Fisher of
+the family to an ELBO gradient. The base class ``Guide`` holds what every family shares (model
+layout, NumPyro protocol, posterior summaries); families only write the math.
+
+As a NumPyro guide, ``guide(*args, **kwargs)`` reads its parameters from ``numpyro.param`` sites
+named exactly as the keys of ``result.params`` and samples every latent site with the model's
+batch and event dims, so ``Predictive(model, guide=guide, params=result.params)``,
+``Trace_ELBO().loss(key, result.params, model, guide, *args)`` and ``handlers.substitute`` work
+as with an autoguide; run without its parameters it raises. ``median``, ``quantiles``,
+``get_posterior`` and ``sample_posterior`` have NumPyro's autoguide names and signatures.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from numpyro.distributions.transforms import biject_to
+from numpyro.distributions.util import sum_rightmost
+from numpyro.handlers import block, seed, substitute, trace
 from numpyro.infer.initialization import init_to_median
 
 from ngvi.errors import ConfigError, ModelError
+from ngvi.guides.params import (
+    GuideParams,
+    ParamLayout,
+    check_param_shapes,
+    layout_in_handlers,
+    layout_mismatch,
+)
 from ngvi.model.target import Target, make_target
 
-__all__ = ["Guide", "check_callable", "check_positive", "default_precision_schedule", "tree_vdot"]
+__all__ = [
+    "Guide",
+    "GuideParams",
+    "ParamLayout",
+    "check_callable",
+    "check_positive",
+    "check_quantiles",
+    "default_precision_schedule",
+    "tree_vdot",
+]
 
 _LATENT = "_ngvi_latent"
+_TRACER_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError)
 
 
 class Guide:
@@ -49,6 +74,7 @@ class Guide:
         self.model = model
         self.init_strategy = init_strategy or init_to_median(num_samples=15)
         self._target: Target | None = None
+        self._data: tuple = ((), {})  # the (args, kwargs) of the last setup
 
     # -- layout ---------------------------------------------------------------------------
     def setup(self, rng_key: jax.Array, args: tuple = (), kwargs: dict | None = None) -> Target:
@@ -63,7 +89,24 @@ class Guide:
                 "guide for the new model."
             )
         self._target = target
+        self._data = (tuple(args), dict(kwargs or {}))  # for deterministic sites, as AutoNormal
         return target
+
+    def ensure_setup(self, args: tuple = (), kwargs: dict | None = None) -> Target:
+        """The ``Target``, setting the guide up on ``(args, kwargs)`` first if it is not yet (its
+        traces of the model kept out of any enclosing NumPyro trace)."""
+        if self._target is None:
+            # concrete even under Predictive's vmap/scan: setup checks the data's values
+            try:
+                with block(), jax.ensure_compile_time_eval():
+                    self.setup(jax.random.PRNGKey(0), args, kwargs)
+            except _TRACER_ERRORS as e:  # data traced by an outer jit
+                raise ModelError(
+                    f"{type(self).__name__} must be set up on concrete data before it runs "
+                    "under jax.jit: fit it first (NGVI(...).run) or call guide.setup(rng_key, "
+                    "args, kwargs) outside the jitted function."
+                ) from e
+        return self.target
 
     @property
     def target(self) -> Target:
@@ -138,53 +181,178 @@ class Guide:
         raise NotImplementedError
 
     # -- NumPyro protocol --------------------------------------------------------------------
+    # The guide's numpyro.param sites are named exactly as the keys of its params, so
+    # result.params works with Predictive(params=...), handlers.substitute(data=...) and the
+    # ELBOs' param_map; it has no parameter store, so without them it raises (never samples its
+    # initial values). Each latent site is emitted with the model's batch and event dims.
     def _param_specs(self, target: Target, init: dict) -> dict:
-        """Initial values and constraints of the guide's numpyro.param sites."""
+        """Initial values (or shapes) and constraints of the guide's numpyro.param sites."""
         raise NotImplementedError
 
+    def _layout_detail(self) -> str:
+        """Family choices that change what the parameter arrays mean (none by default)."""
+        return ""
+
+    @property
+    def layout(self) -> ParamLayout:
+        """The guide family and the model's latent sites its parameters are laid out for."""
+        sites = tuple((s.name, s.shape, str(s.support)) for s in self.target.sites)
+        return ParamLayout(type(self).__name__, sites, self._layout_detail())
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """``{numpyro.param name: shape}`` of this guide's parameters on its model."""
+        shapes = jax.eval_shape(lambda: self.init_params(self.target))
+        return {k: tuple(v.shape) for k, v in shapes.items()}
+
+    def check_params(self, params: Mapping) -> dict:
+        """``params`` as a plain dict after checking they belong to this guide and model.
+
+        ``LayoutError`` names both layouts when ``params`` (``GuideParams``, e.g.
+        ``result.params``) were fitted for other latent sites or another family, even when every
+        shape matches, and when a plain dict's keys or shapes differ. Keys written with the old
+        ``ngvi_`` prefix are accepted."""
+        if not isinstance(params, Mapping):
+            raise ConfigError(
+                f"params must be the dict of a fit (result.params), got {type(params).__name__}."
+            )
+        given = getattr(params, "layout", None)
+        if given is not None and given != self.layout:
+            raise layout_mismatch(given, self.layout)
+        plain = {k.removeprefix("ngvi_"): v for k, v in params.items()}
+        check_param_shapes(plain, self.param_shapes(), self.layout)
+        return plain
+
+    def numpyro_params(self, params: Mapping) -> GuideParams:
+        """``params`` keyed by the guide's numpyro.param names (the same keys) and stamped with
+        this guide's layout: what ``NGVI`` returns as ``result.params``."""
+        return GuideParams(self.check_params(params), self.layout)
+
     def __call__(self, *args, **kwargs) -> dict:
-        """Sample every latent site (constrained) as a NumPyro guide."""
-        if self._target is None:
-            self.setup(jax.random.PRNGKey(0), args, kwargs)
-        target = self.target
-        init = self.init_params(target)
-        params = {
-            k: numpyro.param(f"ngvi_{k}", v, constraint=c)
-            for k, (v, c) in self._param_specs(target, init).items()
-        }
+        """Sample every latent site (constrained) as a NumPyro guide, with the parameters that a
+        handler supplies (``Predictive(params=...)``, ``handlers.substitute(data=...)``, an ELBO's
+        ``param_map``)."""
+        self.ensure_setup(args, kwargs)
+        return self._sample_sites(self._param_sites())
+
+    def _param_sites(self) -> dict:
+        """The parameters read from numpyro.param sites; raises when they are not supplied."""
+        layout, shapes = self.layout, self.param_shapes()
+        self._check_shadowing(shapes)
+        given = layout_in_handlers()
+        if given is not None and given != layout:
+            raise layout_mismatch(given, layout)
+        specs = self._param_specs(self.target, shapes)
+        values = {k: numpyro.param(k, constraint=c) for k, (_, c) in specs.items()}
+        missing = sorted(k for k, v in values.items() if v is None)
+        if missing:
+            raise ConfigError(
+                f"{type(self).__name__} was run as a NumPyro guide without its parameters "
+                f"{missing}: it keeps no parameter store and will not sample its initial values. "
+                "Pass the fitted parameters: Predictive(model, guide=guide, "
+                "params=result.params), handlers.substitute(guide, data=result.params), or "
+                "Trace_ELBO().loss(key, result.params, model, guide, ...); fit it with "
+                "ngvi.NGVI(model, guide).run (numpyro's SVI would start from no parameters)."
+            )
+        check_param_shapes(values, shapes, layout)
+        return values
+
+    def _check_shadowing(self, shapes: dict) -> None:
+        """NumPyro substitutes params by name into the model too: a model site named like a
+        parameter would receive it."""
+        clash = sorted((n, r) for n, r in self.target.roles if n in shapes)
+        if clash:
+            raise ModelError(
+                f"the model's site(s) {clash} have the names of {type(self).__name__}'s "
+                f"parameters {sorted(shapes)}: NumPyro's handlers (Predictive, substitute) would "
+                "put the parameter into the site. Rename the site, or draw with "
+                "guide.sample_posterior(key, params, *args, sample_shape=(n,)) and pass the draws "
+                "to Predictive(model, posterior_samples=draws)."
+            )
+
+    def _sample_sites(self, params: dict) -> dict:
+        """Draw the flat latent vector (an auxiliary site) and emit each site as a Delta with the
+        model's batch and event dims (as NumPyro's AutoContinuous does)."""
         z = numpyro.sample(_LATENT, self.flat_distribution(params), infer={"is_auxiliary": True})
-        return self._emit_sites(target, z)
+        return self._emit_sites(self.target, z)
 
     def _emit_sites(self, target: Target, z: jax.Array) -> dict:
+        """Site ``x = T(u)`` with log density ``-log|dT/du|`` summed over its event dims, so the
+        auxiliary ``log q(z)`` plus the sites' terms is ``log q`` of the constrained values."""
         unc = target.unravel(z)
         out = {}
         for site in target.sites:
             t = biject_to(site.support)
             value = t(unc[site.name])
-            log_det = t.log_abs_det_jacobian(unc[site.name], value)
-            event_dim = len(site.shape)
-            log_det = jnp.sum(log_det) if jnp.ndim(log_det) else log_det
-            out[site.name] = numpyro.sample(
-                site.name, dist.Delta(value, -log_det, event_dim=event_dim)
-            )
+            batch_ndim = len(site.shape) - site.event_dim
+            if numpyro.get_mask() is False:
+                log_density = jnp.zeros(site.shape[:batch_ndim])
+            else:
+                log_det = t.log_abs_det_jacobian(unc[site.name], value)
+                log_density = -sum_rightmost(log_det, jnp.ndim(log_det) - batch_ndim)
+            fn = dist.Delta(value, log_density, event_dim=site.event_dim)
+            out[site.name] = numpyro.sample(site.name, fn)
         return out
 
-    def numpyro_params(self, params: dict) -> dict:
-        """``params`` under the names the NumPyro guide uses (for Predictive and handlers)."""
-        return {f"ngvi_{k}": v for k, v in params.items()}
+    # -- autoguide methods (NumPyro's names and signatures) ------------------------------------
+    def _marginals(self, params: dict) -> tuple[jax.Array, jax.Array]:
+        """Mean and standard deviation (d,) of each flat unconstrained coordinate under q."""
+        raise NotImplementedError
+
+    def get_posterior(self, params: Mapping) -> dist.Distribution:
+        """q over the flat unconstrained latent vector, event shape ``(d,)`` (as NumPyro's
+        ``AutoContinuous.get_posterior``); ``target.unravel`` splits a draw by site."""
+        return self.flat_distribution(self.check_params(params))
 
     def sample_posterior(
-        self, rng_key: jax.Array, params: dict, *args, sample_shape: tuple = (), **kwargs
+        self, rng_key: jax.Array, params: Mapping, *args, sample_shape: tuple = (), **kwargs
     ) -> dict:
-        """Constrained samples per latent site, shape ``sample_shape + site.shape``.
+        """Constrained draws per latent site, shape ``sample_shape + site.shape``, and the
+        model's deterministic sites at those draws (on ``*args, **kwargs``, else on the data the
+        guide was set up with, as NumPyro's ``AutoNormal`` does)."""
+        z = self.flat_distribution(self.check_params(params)).sample(rng_key, sample_shape)
+        return self.with_deterministic(self.constrain(z), *args, **kwargs)
 
-        Given the model's args/kwargs, deterministic sites are returned too."""
-        params = {k.removeprefix("ngvi_"): v for k, v in params.items()}
-        z = self.flat_distribution(params).sample(rng_key, sample_shape)
-        return self.constrain(z, *args, **kwargs)
+    def median(self, params: Mapping) -> dict:
+        """Posterior median of every latent site, ``T(loc)`` (``T`` the site's bijection,
+        monotone per coordinate), and the deterministic sites there, as ``AutoNormal.median``."""
+        loc, _ = self._marginals(self.check_params(params))
+        return self.with_deterministic(self.constrain(loc))
+
+    def quantiles(self, params: Mapping, quantiles) -> dict:
+        """Marginal posterior quantiles per site, shape ``(len(quantiles),) + site.shape``:
+        ``T(loc + sd Phi^-1(q))`` per unconstrained coordinate (exact for elementwise
+        bijections; for a simplex or other vector bijection the image of the coordinate
+        quantiles, as NumPyro's autoguides). Deterministic sites are evaluated at those values
+        (a plug-in, as ``AutoNormal.quantiles``; for their quantiles use ``sample_posterior``)."""
+        q = check_quantiles(quantiles)
+        loc, sd = self._marginals(self.check_params(params))
+        u = dist.Normal(loc, sd).icdf(q.reshape((-1, 1)))
+        return self.with_deterministic(self.constrain(u))
+
+    def with_deterministic(self, values: dict, /, *args, **kwargs) -> dict:
+        """``values`` (latent sites, any leading batch shape) plus the model's deterministic
+        sites computed from them on ``*args, **kwargs`` (default: the setup data)."""
+        target = self.target
+        if not target.deterministic:
+            return values
+        if not (args or kwargs):
+            args, kwargs = self._data
+        site = target.sites[0]
+        lead = jnp.shape(values[site.name])[: jnp.ndim(values[site.name]) - len(site.shape)]
+        flat = {k: v.reshape((-1,) + v.shape[len(lead) :]) for k, v in values.items()}
+        model = seed(target.model, jax.random.PRNGKey(0))  # subsample indices, as AutoNormal
+
+        def one(v):
+            tr = trace(substitute(model, data=v)).get_trace(*args, **kwargs)
+            return {n: tr[n]["value"] for n in target.deterministic}
+
+        det = jax.vmap(one)(flat)
+        det = {k: v.reshape(lead + v.shape[1:]) for k, v in det.items()}
+        return {**values, **det}
 
     def constrain(self, z: jax.Array, *args, **kwargs) -> dict:
-        """Flat unconstrained samples (..., dim) to constrained values per site."""
+        """Flat unconstrained samples (..., dim) to constrained values per latent site (with the
+        model's args/kwargs, deterministic sites too)."""
         target = self.target
         if args or kwargs:
             return target.constrain(z, args, kwargs)
@@ -194,6 +362,14 @@ class Guide:
         return {
             s.name: biject_to(s.support)(unc[s.name]).reshape(lead + s.shape) for s in target.sites
         }
+
+
+def check_quantiles(quantiles) -> jax.Array:
+    """The requested quantiles as an array, each strictly between 0 and 1."""
+    q = np.asarray(quantiles, dtype=float)
+    if q.size == 0 or not np.all((q > 0) & (q < 1)):
+        raise ConfigError(f"quantiles must lie strictly between 0 and 1, got {quantiles!r}.")
+    return jnp.asarray(q, dtype=jnp.result_type(float))
 
 
 def check_positive(name: str, value: Any) -> None:

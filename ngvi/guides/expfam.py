@@ -50,7 +50,7 @@ log-Jacobian is linear in the sufficient statistics, so the expectation is close
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -69,7 +69,7 @@ from numpyro.distributions.transforms import (
 
 from ngvi.errors import ConfigError
 from ngvi.families import Beta, DiagGaussian, Dirichlet, ExpFamily, Exponential, Gamma
-from ngvi.guides.base import Guide, default_precision_schedule
+from ngvi.guides.base import Guide, check_quantiles, default_precision_schedule
 from ngvi.guides.expfam_estimators import (
     CONTROL_VARIATES,
     regression_natural_params,
@@ -427,48 +427,80 @@ class ExpFamilyGuide(Guide):
         logp = jax.vmap(lambda zi: self.target.log_density(zi, args, kwargs, ctx.model_key))(z)
         return xs, logp - self._log_jacobian(xs)
 
-    # -- NumPyro protocol and posterior samples ---------------------------------------------------
+    # -- NumPyro protocol and posterior summaries -------------------------------------------------
+    def _layout_detail(self) -> str:
+        return "families " + ", ".join(f"{f.site.name}={f.name}" for f in self.factors)
+
     def _site_distribution(self, f: SiteFactor, eta: tuple) -> dist.Distribution:
-        """The site's constrained distribution (the Gaussian pushed through its bijection)."""
+        """The site's constrained distribution with the model's batch and event dims (a
+        Gaussian factor pushed through the site's bijection)."""
         if f.on_unconstrained:
-            base = f.family.to_numpyro(eta).to_event(len(f.batch_shape))
             t = biject_to(f.site.support)
+            u_event = f.site.event_dim - t.codomain.event_dim + t.domain.event_dim
+            base = f.family.to_numpyro(eta).to_event(u_event)
             plain = isinstance(_base_transform(f.site.support), type(biject_to(constraints.real)))
             return base if plain else dist.TransformedDistribution(base, t)
-        return f.family.to_numpyro(eta).to_event(len(f.batch_shape))
+        fam_event = len(f.site.shape) - len(f.batch_shape)  # 1 for a Dirichlet, else 0
+        return f.family.to_numpyro(eta).to_event(f.site.event_dim - fam_event)
 
-    def __call__(self, *args, **kwargs) -> dict:
-        """Sample every latent site from its factor (a NumPyro guide)."""
-        if self._target is None:
-            self.setup(jax.random.PRNGKey(0), args, kwargs)
-        init = self.init_params(self.target)
-        params = {
-            k: numpyro.param(f"ngvi_{k}", v, constraint=c)
-            for k, (v, c) in self._param_specs(self.target, init).items()
+    def site_distributions(self, params: Mapping) -> dict[str, dist.Distribution]:
+        """Each latent site's fitted factor as a NumPyro distribution on the constrained value,
+        batch and event shape as in the model: ``dist.Gamma``, ``dist.Beta``,
+        ``dist.Dirichlet``, ``dist.Exponential`` (wrapped in ``Independent`` for event dims),
+        and for a Gaussian factor ``dist.Normal`` on the unconstrained value, pushed through the
+        site's bijection (``TransformedDistribution``) unless the site is real."""
+        p = self.check_params(params)
+        return {
+            f.site.name: self._site_distribution(f, eta)
+            for f, eta in zip(self.factors, self._etas(p), strict=True)
         }
+
+    def _sample_sites(self, params: dict) -> dict:
+        """Sample every latent site from its factor (a NumPyro guide)."""
         return {
             f.site.name: numpyro.sample(f.site.name, self._site_distribution(f, eta))
-            for f, eta in zip(self.factors, self._etas(params))
+            for f, eta in zip(self.factors, self._etas(params), strict=True)
         }
 
+    def _site_quantiles(self, f: SiteFactor, eta: tuple, q: jax.Array) -> jax.Array:
+        """Marginal quantiles ``(len(q),) + site.shape`` of one factor, constrained."""
+        q = q.reshape((-1,) + (1,) * len(f.batch_shape + f.family.event_shape))
+        x = f.family.marginal_icdf(eta, q)
+        return biject_to(f.site.support)(x) if f.on_unconstrained else x
+
+    def quantiles(self, params: Mapping, quantiles) -> dict:
+        """Marginal quantiles per site from each factor's own inverse CDF (Gamma, Beta,
+        exponential; a Dirichlet coordinate is Beta(alpha_k, alpha_0 - alpha_k); a Gaussian
+        factor's quantiles pushed through the bijection), shape ``(len(q),) + site.shape``.
+        Deterministic sites are plug-ins, as ``AutoNormal.quantiles``."""
+        q = check_quantiles(quantiles)
+        p = self.check_params(params)
+        values = {
+            f.site.name: self._site_quantiles(f, eta, q)
+            for f, eta in zip(self.factors, self._etas(p), strict=True)
+        }
+        return self.with_deterministic(values)
+
+    def median(self, params: Mapping) -> dict:
+        """Marginal posterior medians per site (``quantiles(params, [0.5])``; the coordinates of
+        a simplex site need not sum to one), and the deterministic sites there."""
+        return {k: v[0] for k, v in self.quantiles(params, [0.5]).items()}
+
     def sample_posterior(
-        self, rng_key: jax.Array, params: dict, *args, sample_shape: tuple = (), **kwargs
+        self, rng_key: jax.Array, params: Mapping, *args, sample_shape: tuple = (), **kwargs
     ) -> dict:
         """Constrained draws per site, shape ``sample_shape + site.shape``, drawn from the
-        factors directly; with the model's args/kwargs, deterministic sites too."""
-        params = {k.removeprefix("ngvi_"): v for k, v in params.items()}
+        factors directly, and the model's deterministic sites at them (on ``*args, **kwargs``,
+        else the setup data, as ``AutoNormal``)."""
+        p = self.check_params(params)
         n = math.prod(sample_shape)
-        xs = jax.vmap(lambda k: self._draw_one(params, k))(jax.random.split(rng_key, max(n, 1)))
+        xs = jax.vmap(lambda k: self._draw_one(p, k))(jax.random.split(rng_key, max(n, 1)))
         out = {}
         for f in self.factors:
             x = xs[f.site.name]
             x = biject_to(f.site.support)(x) if f.on_unconstrained else x
             out[f.site.name] = x[:n].reshape(tuple(sample_shape) + f.site.shape)
-        if args or kwargs:
-            z = self._to_flat(xs)[:n].reshape(tuple(sample_shape) + (self.target.dim,))
-            extra = self.target.constrain(z, args, kwargs)
-            out.update({k: v for k, v in extra.items() if k not in out})
-        return out
+        return self.with_deterministic(out, *args, **kwargs)
 
 
 class _FlatExpFamily(dist.Distribution):

@@ -168,6 +168,9 @@ class FullRankGaussian(Guide):
         tril = params["prec_tril"]
         return dist.MultivariateNormal(params["loc"], precision_matrix=tril @ tril.T)
 
+    def _marginals(self, params: dict) -> tuple[jax.Array, jax.Array]:
+        return params["loc"], self.marginal_sd(params)
+
     def base_noise(self, rng_key: jax.Array, num_particles: int) -> jax.Array:
         """Whitened antithetic noise when ``num_particles >= 2 d`` (makes the Stein Hessian exact
         for quadratics), else the base class's antithetic, diagonally moment-matched noise."""

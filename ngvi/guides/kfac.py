@@ -63,6 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 from jax import lax
+from jax.scipy.linalg import solve_triangular
 
 from ngvi.errors import ConfigError
 from ngvi.guides.base import Guide
@@ -159,6 +160,7 @@ class KFACGuide(Guide):
     def setup(self, rng_key: jax.Array, args: tuple = (), kwargs: dict | None = None) -> Target:
         if self.fast_setup and self._target is None:
             self._target = fast_target(self.model, args, dict(kwargs or {}), rng_key)
+            self._data = (tuple(args), dict(kwargs or {}))
             target = self._target
         else:
             target = super().setup(rng_key, args, kwargs)
@@ -169,6 +171,9 @@ class KFACGuide(Guide):
         idx = [np.arange(s.offset, s.offset + s.size) for s in self.other_sites]
         self._mf_idx = np.concatenate(idx) if idx else np.zeros(0, int)
         return target
+
+    def _layout_detail(self) -> str:
+        return f"structure={self.structure}, layers " + ", ".join(L.name for L in self.layers)
 
     @property
     def diagonal(self) -> bool:
@@ -231,19 +236,60 @@ class KFACGuide(Guide):
         """The flat latent vector ``M + noise`` per layer (``noise`` default from ``e``) and the
         mean-field part."""
         noise = self._noise_terms(params, e) if noise is None else noise
+        mats = {L.name: params[f"{L.name}:M"] + noise[L.name] for L in self.layers}
+        zmf = params["mf:loc"] + params["mf:scale"] * e[self._mf_idx] if self._mf_idx.size else None
+        return self._assemble(mats, zmf)
+
+    def _assemble(self, mats: dict, zmf: jax.Array | None) -> jax.Array:
+        """One flat vector from per-layer ``(n_in, out)`` matrices and the mean-field part."""
         pieces = {}
         for L in self.layers:
-            W = params[f"{L.name}:M"] + noise[L.name]
-            n_w = L.w.shape[0]
+            W, n_w = mats[L.name], L.w.shape[0]
             pieces[L.w.name] = W[:n_w].ravel()
             if L.b is not None:
                 pieces[L.b.name] = W[n_w]
-        if self._mf_idx.size:
-            zmf = params["mf:loc"] + params["mf:scale"] * e[self._mf_idx]
+        if zmf is not None:
             offsets = np.cumsum([0] + [s.size for s in self.other_sites])
             for s, o in zip(self.other_sites, offsets):
                 pieces[s.name] = zmf[o : o + s.size]
         return jnp.concatenate([pieces[s.name] for s in self.target.sites])
+
+    def _marginals(self, params: dict) -> tuple[jax.Array, jax.Array]:
+        """Mean and marginal sd of every weight: ``sd_ij = |S_A[i]| |S_G[j]|`` (the diagonal of
+        ``Sigma_in (x) Sigma_out``) or ``std`` (diagonal structure)."""
+        has_mf = bool(self._mf_idx.size)
+        means = {L.name: params[f"{L.name}:M"] for L in self.layers}
+        loc = self._assemble(means, params["mf:loc"] if has_mf else None)
+        sds = {}
+        for L in self.layers:
+            if self.diagonal:
+                sds[L.name] = params[f"{L.name}:std"]
+            else:
+                row_a = jnp.linalg.norm(params[f"{L.name}:SA"], axis=1)
+                row_g = jnp.linalg.norm(params[f"{L.name}:SG"], axis=1)
+                sds[L.name] = row_a[:, None] * row_g[None, :]
+        return loc, self._assemble(sds, params["mf:scale"] if has_mf else None)
+
+    def log_prob_one(self, params: dict, z: jax.Array) -> jax.Array:
+        """log q(z) of one flat vector: per layer ``-|E|^2 / 2 - out log|S_A| - n_in log|S_G|
+        - D/2 log 2 pi`` with ``E = S_A^-1 (W - M) S_G^-T`` (``(W - M) / std`` for the diagonal
+        structure), plus the mean-field part's Normal density."""
+        lp = jnp.zeros((), z.dtype)
+        for L in self.layers:
+            D = self._layer_matrix(z, L) - params[f"{L.name}:M"]
+            lp = lp - 0.5 * L.n_in * L.n_out * math.log(2 * math.pi)
+            if self.diagonal:
+                std = params[f"{L.name}:std"]
+                lp = lp - 0.5 * jnp.sum((D / std) ** 2) - jnp.sum(jnp.log(std))
+                continue
+            SA, SG = params[f"{L.name}:SA"], params[f"{L.name}:SG"]
+            E = solve_triangular(SA, D, lower=True)
+            E = solve_triangular(SG, E.T, lower=True).T
+            lp = lp - 0.5 * jnp.sum(E**2) - L.n_out * tri_logdet(SA) - L.n_in * tri_logdet(SG)
+        if self._mf_idx.size:
+            mf = dist.Normal(params["mf:loc"], params["mf:scale"])
+            lp = lp + jnp.sum(mf.log_prob(z[self._mf_idx]))
+        return lp
 
     def reparam(self, params: dict, eps: jax.Array) -> jax.Array:
         if eps.ndim == 1:
@@ -470,7 +516,7 @@ def _every(period: int, due, fn: Callable, kept):
 
 
 class _GuideDistribution(dist.Distribution):
-    """q(z) on the flat latent vector as a NumPyro distribution (sampling only)."""
+    """q(z) on the flat latent vector as a NumPyro distribution (sampling and density)."""
 
     support = dist.constraints.real_vector
 
@@ -484,7 +530,10 @@ class _GuideDistribution(dist.Distribution):
         return self.guide.reparam(self.params, eps).reshape(tuple(sample_shape) + (d,))
 
     def log_prob(self, value):
-        raise NotImplementedError("KFACGuide's flat distribution supports sampling only.")
+        d = self.guide.target.dim
+        flat = value.reshape((-1, d))
+        lp = jax.vmap(lambda z: self.guide.log_prob_one(self.params, z))(flat)
+        return lp.reshape(value.shape[:-1])
 
 
 def DiagonalFisherGuide(model: Callable, **kwargs: Any) -> KFACGuide:

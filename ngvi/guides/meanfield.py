@@ -69,6 +69,9 @@ class MeanFieldGaussian(Guide):
     def flat_distribution(self, params: dict) -> dist.Distribution:
         return dist.Normal(params["loc"], params["scale"]).to_event(1)
 
+    def _marginals(self, params: dict) -> tuple[jax.Array, jax.Array]:
+        return params["loc"], params["scale"]
+
     def reparam(self, params: dict, eps: jax.Array) -> jax.Array:
         return params["loc"] + params["scale"] * eps
 

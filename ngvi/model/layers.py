@@ -45,6 +45,7 @@ from ngvi.model.target import (
     invalid_parameter,
     model_failed,
     observed_facts,
+    site_roles,
 )
 
 __all__ = [
@@ -229,6 +230,8 @@ def fast_target(model, args: tuple, kwargs: dict, rng_key) -> Target:
             and not s.get("infer", {}).get("is_auxiliary", False)
         ]
         info["support"] = {s["name"]: s["fn"].support for s in latent}
+        info["event_dim"] = {s["name"]: int(s["fn"].event_dim) for s in latent}
+        info["roles"] = site_roles(tr)
         info["shape"] = {s["name"]: tuple(jnp.shape(s["value"])) for s in latent}
         plates = [s["args"] for s in tr.values() if s["type"] == "plate"]
         info["sub"] = any(a[1] is not None and a[1] != a[0] for a in plates)
@@ -252,10 +255,13 @@ def fast_target(model, args: tuple, kwargs: dict, rng_key) -> Target:
     for name in sorted(unc):
         size = int(np.size(unc[name]))
         shape = info["shape"][name]
-        sites.append(Site(name, shape, tuple(unc[name].shape), info["support"][name], offset, size))
+        support, event_dim = info["support"][name], info["event_dim"][name]
+        sites.append(Site(name, shape, tuple(unc[name].shape), support, offset, size, event_dim))
         offset += size
     signature = ";".join(f"{s.name}{s.shape}{s.support}" for s in sites)
-    return Target(model, tuple(sites), int(z0.size), z0, unravel, info["sub"], signature)
+    return Target(
+        model, tuple(sites), int(z0.size), z0, unravel, info["sub"], signature, info["roles"]
+    )
 
 
 # -- minibatch plumbing shared by the BNN models --------------------------------------------

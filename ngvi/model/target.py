@@ -33,7 +33,7 @@ from numpyro.infer.util import constrain_fn, log_density
 from ngvi.errors import DataError, ModelError
 from ngvi.numerics.logspace import stable_potential_energy
 
-__all__ = ["Site", "Target", "make_target", "split_data", "join_data"]
+__all__ = ["Site", "Target", "make_target", "site_roles", "split_data", "join_data"]
 
 
 class Site(NamedTuple):
@@ -45,6 +45,7 @@ class Site(NamedTuple):
     support: Any  # numpyro constraint
     offset: int  # first index in the flat vector
     size: int  # number of unconstrained coordinates
+    event_dim: int = 0  # the model's event_dim at this site (the rest of ``shape`` is batch)
 
 
 class Target(NamedTuple):
@@ -57,6 +58,14 @@ class Target(NamedTuple):
     unravel: Callable[[jax.Array], dict]
     has_subsample: bool
     signature: str  # names, shapes and supports of the sites: checks a guide against a model
+    #: ``(name, role)`` of every named site of the model, role one of "latent", "observed",
+    #: "deterministic", "param" (what a guide must not shadow, and which sites it replays)
+    roles: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def deterministic(self) -> tuple[str, ...]:
+        """Names of the model's deterministic sites."""
+        return tuple(n for n, r in self.roles if r == "deterministic")
 
     def log_density(self, z: jax.Array, args=(), kwargs=None, rng_key=None) -> jax.Array:
         """log p(x, T(z)) + log|J_T(z)| for one flat unconstrained z of shape (dim,)."""
@@ -371,12 +380,31 @@ def make_target(
     for s in sorted(latent, key=lambda s: s["name"]):  # ravel_pytree orders dict keys by name
         ushape = tuple(jnp.shape(unc[s["name"]]))
         size = int(math.prod(ushape))
-        sites.append(
-            Site(s["name"], tuple(jnp.shape(s["value"])), ushape, s["fn"].support, offset, size)
-        )
+        shape, event_dim = tuple(jnp.shape(s["value"])), int(s["fn"].event_dim)
+        sites.append(Site(s["name"], shape, ushape, s["fn"].support, offset, size, event_dim))
         offset += size
     signature = ";".join(f"{s.name}{s.shape}{s.support}" for s in sites)
-    return Target(model, tuple(sites), int(z_proto.size), z0, unravel, has_subsample, signature)
+    return Target(
+        model,
+        tuple(sites),
+        int(z_proto.size),
+        z0,
+        unravel,
+        has_subsample,
+        signature,
+        site_roles(tr),
+    )
+
+
+def site_roles(tr) -> tuple[tuple[str, str], ...]:
+    """``(name, role)`` of every sample, deterministic and param site of a model trace."""
+    roles = []
+    for name, site in tr.items():
+        if site["type"] == "sample" and not site.get("infer", {}).get("is_auxiliary", False):
+            roles.append((name, "observed" if site["is_observed"] else "latent"))
+        elif site["type"] in ("deterministic", "param"):
+            roles.append((name, site["type"]))
+    return tuple(roles)
 
 
 def _find_init(model, args, kwargs, latent, unravel, rng_key, init_strategy, tries: int = 20):

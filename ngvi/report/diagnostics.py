@@ -186,6 +186,16 @@ def _sample_jit(guide, num_samples, spec, params, rng_key, dynamic):
     return guide.sample_posterior(rng_key, params, *args, sample_shape=(num_samples,), **kwargs)
 
 
+def _checked_params(guide, params, args, kwargs):
+    """An ngvi guide's ``params`` after its layout check (``LayoutError`` naming both layouts
+    for another model's or guide's parameters, also when their sizes match); the params of
+    other NumPyro guides unchanged."""
+    if not isinstance(guide, Guide):
+        return params
+    guide.ensure_setup(args, kwargs)
+    return guide.check_params(params)
+
+
 # -- InferenceData ---------------------------------------------------------------------------
 def _chain(samples: Mapping) -> dict:
     """(draw, ...) arrays -> numpy (1, draw, ...): one chain, as ArviZ expects."""
@@ -267,6 +277,7 @@ def to_inference_data(
         raise ConfigError(f"num_samples must be an integer >= 2, got {num_samples!r}.")
     if not hasattr(guide, "sample_posterior"):
         raise ConfigError(f"guide must have sample_posterior, got {type(guide).__name__}.")
+    params = _checked_params(guide, params, args, kwargs)
     key = jax.random.PRNGKey(0) if rng_key is None else rng_key
     k_layout, k_post, k_rep = jax.random.split(key, 3)
     layout = model_layout(guide.model, args, kwargs, k_layout)
@@ -409,7 +420,6 @@ def _flat_log_ratios(guide: Guide, params, key, n: int, args, kwargs) -> tuple:
     """ngvi guide: ``log p(x, T(z)) + log|J_T(z)| - log q(z)`` on z ~ q in the flat
     unconstrained space (``Target.log_density`` includes the Jacobian), and the constrained
     draws."""
-    params = {k.removeprefix("ngvi_"): v for k, v in params.items()}
     q = guide.flat_distribution(params)
     z = q.sample(key, (n,))
     target = guide.target
@@ -468,6 +478,7 @@ def psis_diagnostic(
     """
     if not (isinstance(num_samples, (int, np.integer)) and num_samples >= _MIN_DRAWS):
         raise ConfigError(f"num_samples must be an integer >= {_MIN_DRAWS}, got {num_samples!r}.")
+    params = _checked_params(guide, params, args, kwargs)
     key = jax.random.PRNGKey(0) if rng_key is None else rng_key
     dynamic, spec = _split_data(args, kwargs)
     log_ratios, draws = _log_ratios_jit(guide, int(num_samples), spec, params, key, dynamic)
