@@ -23,7 +23,15 @@ from ngvi.engine import (
     save_checkpoint,
     shard_data,
 )
-from ngvi.errors import ConfigError, DataError, FitError, ModelError, NGVIError
+from ngvi.errors import (
+    ConfigError,
+    ConvergenceWarning,
+    DataError,
+    FitError,
+    ModelError,
+    NGVIError,
+    NGVIWarning,
+)
 from ngvi.guides import (
     DiagonalFisherGuide,
     ExpFamilyGuide,
@@ -76,6 +84,8 @@ __all__ = [
     "DataError",
     "ConfigError",
     "FitError",
+    "NGVIWarning",
+    "ConvergenceWarning",
 ]
 
 _LAZY = {
