@@ -24,7 +24,12 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("model", help="FILE.py[:model] or a bundled model name")
     fit.add_argument("--guide", default="meanfield", choices=["meanfield"])
     fit.add_argument("--steps", type=int, default=1000)
-    fit.add_argument("--tol", type=float, default=None, help="stop when the step KL stays below")
+    fit.add_argument(
+        "--tol",
+        type=float,
+        default=0.1,
+        help="stop once within this many nats of the optimum (default 0.1; 0 runs every step)",
+    )
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--samples", type=int, default=4000)
     fit.add_argument("--no-progress", action="store_true")
@@ -68,7 +73,7 @@ def cmd_fit(ns) -> int:
         jax.random.PRNGKey(ns.seed),
         ns.steps,
         *args,
-        tol=ns.tol,
+        tol=ns.tol or None,
         progress_bar=not ns.no_progress,
         **kwargs,
     )

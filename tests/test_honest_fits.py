@@ -35,6 +35,7 @@ from ngvi.engine.step import (
     copy_weights,
     effective_progress,
     levenberg_marquardt,
+    value_and_grad_dropping_non_finite,
 )
 from ngvi.report.scoring import make_elbo_scorer, meanfield_optimum
 
@@ -88,6 +89,30 @@ def test_non_finite_draws_get_weight_zero_whole_pairs():
     assert float(jnp.sum(w)) == 8
     _, source = copy_weights(jnp.full(4, jnp.nan))  # nothing to keep: unchanged
     np.testing.assert_array_equal(source, [0, 1, 2, 3])
+
+
+def test_dropped_draws_leave_no_nan_in_the_gradient():
+    """log p = -exp(z) overflows to -inf at one draw: a masked sum's gradient is NaN there
+    (0 * inf in the backward pass), the engine's is the gradient over the kept draws."""
+    eps = jnp.array([-1.0, 0.5, 800.0, 1.0, -0.5, -800.0])  # pairs (k, k + 3); pair 2 overflows
+    reparam = lambda p: p["loc"] + eps[:, None]
+    log_density = lambda z: -jnp.exp(z[0])
+    entropy = lambda p: jnp.zeros(())
+    params = {"loc": jnp.zeros(1)}
+    (loss, logp), grad, source = value_and_grad_dropping_non_finite(
+        reparam, log_density, entropy, params
+    )
+    np.testing.assert_array_equal(source, [0, 1, 0, 3, 4, 3])
+    kept = jnp.array([-1.0, 0.5, -1.0, 1.0, -0.5, 1.0])  # pair 0 copied into pair 2
+    assert float(loss) == pytest.approx(float(jnp.mean(jnp.exp(kept))))
+    assert float(grad["loc"][0]) == pytest.approx(float(jnp.mean(jnp.exp(kept))))
+    np.testing.assert_allclose(logp, -jnp.exp(kept))
+
+    def masked(p):
+        lp = jax.vmap(log_density)(reparam(p))
+        return -jnp.mean(jnp.where(jnp.isfinite(lp), lp, 0.0))
+
+    assert np.isnan(float(jax.grad(masked)(params)["loc"][0])), "why the chain rule is explicit"
 
 
 def test_damping_is_untouched_when_the_current_point_is_not_finite():

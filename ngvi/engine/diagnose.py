@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 
+from ngvi.engine.convergence import MIN_PROGRESS, WINDOW
 from ngvi.errors import ConvergenceWarning, NGVIWarning
 
 __all__ = ["fit_error_message", "not_converged_cause", "warn_if_not_honest"]
@@ -68,7 +69,7 @@ def not_converged_cause(engine, state, info, tol: float, checks=()) -> str:
     if last is None or not np.isfinite(change) or last.bound <= tol:
         return (
             f"only {progress:.3g} unit natural steps were taken (convergence is checked from "
-            f"{engine._WINDOW:.0f} and called from {engine._MIN_PROGRESS:.0f}): run more steps"
+            f"{WINDOW:.0f} and called from {MIN_PROGRESS:.0f}): run more steps"
         )
     trend = last.bound - last.floor
     if trend <= tol < last.bound:

@@ -12,19 +12,11 @@ and Levenberg-Marquardt adaptation of the damping from ``rho = actual / predicte
 the last good parameters. Draws whose log density is not finite at the current parameters are
 dropped from the step (``step.copy_weights``): a sampling problem, so the damping is left alone.
 
-Stopping (``run(tol=...)``, on by default): the reported fit is the average of the accepted
-iterates. Progress ``P`` counts unit natural steps taken (``step.effective_progress``: a rejected
-step adds 0, a step damped to a fraction ``1/(1 + damping)`` adds that fraction). Whenever
-``P >= max(P_c + 10, 1.5 P_c)``, ``P_c`` the progress at the previous check, the scan stops and
-``run`` measures the ELBO change of the average since that check on common random numbers: R
-rounds of fresh draws, each scoring both fits (``evaluate``), give R independent differences,
-their mean and standard error (``step.elbo_change``). What the fit may still gain is bounded by
-``step.convergence_bound`` (at least twice the last change's upper confidence bound, more when the
-last two changes show a slow tail) plus the average's own noise floor, which no trend shows (the
-same rounds score the current iterate; ``NGVI._noise_floor``). The fit has converged when that
-bound is at most ``tol`` and ``P >= 20``. Each window is the last third of the run, so a fit still
-improving on any time scale up to its own length fails the check, and how long the checks take to
-pass is set by the ELBO's own noise and the fit's own rate, not by a fixed count of steps.
+Stopping (``run(tol=...)``, on by default): progress counts unit natural steps
+(``step.effective_progress``: a rejected step adds 0, one damped to ``1/(1 + damping)`` adds that);
+at checks spaced by 1.5x in progress the scan stops and ``ngvi.engine.convergence`` bounds what the
+averaged fit may still gain from its ELBO changes on common random numbers and its noise floor;
+``converged=True`` when that bound is at most ``tol``.
 
 The RNG key and the step count live in the state, so ``update`` is pure and a run resumed from a
 saved state is bit-identical to one that never stopped. ``NGVI._step`` composes these lines from
@@ -45,19 +37,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ngvi.engine import convergence
 from ngvi.engine.checkpoint import load_checkpoint, save_checkpoint
+from ngvi.engine.convergence import CheckInfo
 from ngvi.engine.diagnose import fit_error_message, warn_if_not_honest
 from ngvi.engine.step import (
     Verdict,
     averaging_weight,
-    check_due,
-    convergence_bound,
-    copy_weights,
     effective_progress,
-    elbo_change,
     judge,
     levenberg_marquardt,
     trust_region,
+    value_and_grad_dropping_non_finite,
 )
 from ngvi.errors import ConfigError, FitError
 from ngvi.guides.base import Guide
@@ -106,32 +97,6 @@ class StepContext(NamedTuple):
     loss_fn: Callable  # params -> -ELBO on this noise and minibatch
     rng_key: Any = None  # a fresh key for the guide's own randomness (e.g. sampled targets)
     curvature: Any = None  # what the guide's ``value_and_grad`` computed beside the gradient
-
-
-class CheckInfo(NamedTuple):
-    """One convergence check of ``run`` (see the module docstring)."""
-
-    step: int
-    progress: float  # unit natural steps taken
-    change: float  # ELBO change of the reported fit since the previous check (nats)
-    se: float  # its Monte Carlo standard error
-    floor: float  # the average's estimated excess from the iterates' jitter (nats)
-    bound: float  # what the fit may still gain: step.convergence_bound + floor (nats)
-    passed: bool  # bound <= tol (and progress >= 20)
-    rounds: int  # rounds of num_particles draws the check used
-
-    @classmethod
-    def of(cls, state: NGVIState, floor: float, bound: float, rounds: int) -> CheckInfo:
-        return cls(
-            int(state.step),
-            float(state.progress),
-            float(state.change),
-            float(state.change_se),
-            floor,
-            bound,
-            bool(state.converged),
-            rounds,
-        )
 
 
 class NGVIRunResult(NamedTuple):
@@ -289,30 +254,14 @@ class NGVI:
             )
             num_bad = jnp.sum(~jnp.isfinite(value[1])).astype(jnp.int32)
             return value, grad, ctx._replace(curvature=curvature), num_bad
-        value, grad, source = self._robust_value_and_grad(state.params, ctx)
-        num_bad = jnp.sum(source != jnp.arange(source.shape[0])).astype(jnp.int32)
-        return value, grad, self._with_noise(ctx, ctx.eps[source]), num_bad
-
-    def _robust_value_and_grad(self, params, ctx: StepContext):
-        """((L, log p per draw), grad L, source) with the draws of non-finite log density
-        dropped: ``L = -(sum_k w_k log p(z_k) / K + H[q])`` with the weights of
-        ``step.copy_weights``; the chain rule is written out so the cotangent of a dropped
-        draw is zeroed *after* its log density's backward pass (``0 * inf`` there is NaN)."""
         args, kwargs = ctx.data
         target = self.guide.target
-        z, z_vjp = jax.vjp(lambda p: self.guide.reparam(p, ctx.eps), params)
         log_density = lambda zi: target.log_density(zi, args, kwargs, ctx.model_key)
-        logp, logp_vjp = jax.vjp(jax.vmap(log_density), z)
-        weights, source = copy_weights(logp)
-        keep = weights > 0
-        entropy, entropy_grad = jax.value_and_grad(self.guide.entropy)(params)
-        k = logp.shape[0]
-        loss = -(jnp.sum(jnp.where(keep, weights * logp, 0.0)) / k + entropy)
-        (dz,) = logp_vjp(-weights / k)
-        dz = jnp.where(keep.reshape((k,) + (1,) * (dz.ndim - 1)), dz, 0.0)
-        (grad,) = z_vjp(dz)
-        grad = jax.tree.map(jnp.subtract, grad, entropy_grad)
-        return (loss, logp[source]), grad, source
+        value, grad, source = value_and_grad_dropping_non_finite(
+            lambda p: self.guide.reparam(p, ctx.eps), log_density, self.guide.entropy, state.params
+        )
+        num_bad = jnp.sum(source != jnp.arange(source.shape[0])).astype(jnp.int32)
+        return value, grad, self._with_noise(ctx, ctx.eps[source]), num_bad
 
     def _propose(self, state: NGVIState, grad, ctx: StepContext):
         """(proposal, full natural step, fraction t of it kept by the KL trust region)."""
@@ -329,66 +278,11 @@ class NGVI:
             return damping
         return levenberg_marquardt(damping, verdict, self.damping)
 
-    _WINDOW = 10.0  # unit natural steps between convergence checks, at least
-    _GROWTH = 1.5  # ... and at least this factor of the progress at the last check
-    _MIN_PROGRESS = 20.0  # no convergence before this many unit natural steps
-    _CHECK_DRAWS = 32  # draws of each fit in a convergence check (rounds of num_particles)
-
-    def _check_due(self, s: NGVIState) -> jax.Array:
-        return check_due(s.progress, s.check_progress, self._WINDOW, self._GROWTH)
-
     def _check(self, state: NGVIState, dynamic, spec, tol: float) -> tuple[NGVIState, CheckInfo]:
-        """The convergence check of the module docstring; the next window starts here whether
-        it passed or not. It runs outside the scan on the compiled ``evaluate`` (one compiled
-        loss, shared with the user's calls): each round of K fresh draws scores the average at
-        the last check, the average now and the current iterate. A first batch of
-        ``max(8, ceil(_CHECK_DRAWS / K))`` rounds; more batches while the answer is still open
-        (the change's confidence interval straddles the bound), as long as the check's draws
-        stay within ``step / 12`` rounds, about a quarter of the steps' draws since the last
-        check (a function of the state alone, so a resumed fit checks alike)."""
+        """``ngvi.engine.convergence.run_check`` on the compiled ``evaluate``."""
         fn = self._compiled("evaluate", spec)
-        old = state._replace(avg_params=state.check_params)
-        now = state._replace(avg_params=state.params)
-        prev = (float(state.change), float(state.change_se))
-        batch = max(8, -(-self._CHECK_DRAWS // self.num_particles))
-        budget = max(batch, int(state.step) // 12)  # rounds of K draws
-        base = jax.random.fold_in(state.rng_key, 2)
-        diffs, excess = [], []
-        while True:
-            for k in jax.random.split(jax.random.fold_in(base, len(diffs)), batch):
-                new_loss = fn(state, dynamic, k)
-                diffs.append(fn(old, dynamic, k) - new_loss)  # ELBO(avg now) - ELBO(avg then)
-                excess.append(fn(now, dynamic, k) - new_loss)  # ELBO(avg now) - ELBO(iterate)
-            change, se, _ = elbo_change(jnp.stack(diffs))
-            floor = self._noise_floor(state, float(np.nanmean(np.asarray(jnp.stack(excess)))))
-            bound = convergence_bound(change, se, *prev) + floor
-            best_case = convergence_bound(max(abs(change) - 2 * se, 0.0), 0.0, *prev) + floor
-            if bound <= tol or best_case > tol or len(diffs) + batch > budget:
-                break  # decided, or out of budget
-        ok = state.progress >= self._MIN_PROGRESS and bound <= tol
-        dtype = state.change.dtype
-        state = state._replace(
-            check_params=state.avg_params,
-            check_progress=state.progress,
-            converged=jnp.array(bool(ok)),
-            change=jnp.asarray(change, dtype),
-            change_se=jnp.asarray(se, dtype),
-        )
-        return state, CheckInfo.of(state, floor, bound, len(diffs))
-
-    def _noise_floor(self, state: NGVIState, excess: float) -> float:
-        """The average's own excess over the optimum, from the iterate's: iterates jitter
-        about the optimum with an excess ``e`` (measured: ELBO(avg) - ELBO(iterate)), about one
-        fresh draw per unit natural step; the average of ``m`` of them has excess ``e / m``,
-        with ``m`` the average's effective memory in unit steps, ``(2 - w) / w`` accepted steps
-        for an exponential average of weight ``w``, times the progress per accepted step.
-        A trend test cannot see this floor: the average drifts no more."""
-        accepted = int(state.step - state.num_rejected)
-        if accepted < 1 or not math.isfinite(excess):
-            return math.inf if not math.isfinite(excess) else 0.0
-        w = float(averaging_weight(accepted, self.average))
-        memory = (2.0 - w) / w * float(state.progress) / accepted
-        return max(excess, 0.0) / max(memory, 1.0)
+        evaluate = lambda s, key: fn(s, dynamic, key)
+        return convergence.run_check(state, evaluate, tol, self.num_particles, self.average)
 
     def _step_kl(self, old, new, accept, dtype):
         """KL(q_old || q_new) of an accepted step (0 when rejected), with a trust region only."""
@@ -426,7 +320,7 @@ class NGVI:
                 (s.step >= stop_at)
                 | s.converged
                 | (s.consecutive_rejected >= self.max_rejections)
-                | ((tol > 0) & self._check_due(s))
+                | ((tol > 0) & convergence.due(s))
             )
             i0, nan = jnp.zeros((), jnp.int32), jnp.full((), jnp.nan, s.damping.dtype)
             pad = NGVIInfo(nan, jnp.array(False), s.damping, nan, i0, i0, jnp.array(False))
@@ -519,7 +413,7 @@ class NGVI:
         bar = _progress(max(int(stop_at) - int(state.step), 0), progress_bar)
         try:
             while True:
-                if tol is not None and bool(self._check_due(state)) and not state.converged:
+                if tol is not None and bool(convergence.due(state)) and not state.converged:
                     state, check = self._check(state, dynamic, spec, tol)
                     checks.append(check)
                     if checkpoint is not None:
@@ -538,7 +432,7 @@ class NGVI:
                     )
                 if callback is not None:
                     callback(state)
-                if int(state.step) == before and not bool(self._check_due(state)):
+                if int(state.step) == before and not bool(convergence.due(state)):
                     break
         except KeyboardInterrupt:
             interrupted = True

@@ -29,6 +29,7 @@ __all__ = [
     "levenberg_marquardt",
     "mc_error",
     "trust_region",
+    "value_and_grad_dropping_non_finite",
 ]
 
 #: why a step was rejected (``NGVIInfo.reason``)
@@ -181,6 +182,28 @@ def copy_weights(logp: jax.Array) -> tuple[jax.Array, jax.Array]:
     source = jnp.where(bad & jnp.any(~bad), first, idx)
     weights = jnp.zeros(k, logp.dtype).at[source].add(1.0)
     return weights, source
+
+
+def value_and_grad_dropping_non_finite(
+    reparam: Callable, log_density: Callable, entropy: Callable, params
+) -> tuple[tuple[jax.Array, jax.Array], Any, jax.Array]:
+    """``((L, log p per draw), grad L, source)`` of ``L = -(sum_k w_k log p(z_k) / K + H[q])``
+    with ``z = reparam(params)`` (K, d) and the weights of ``copy_weights``: draws whose log
+    density is not finite are dropped. The chain rule is written out so that the cotangent of a
+    dropped draw is zeroed *after* its log density's backward pass (``0 * inf`` there is NaN,
+    which autodiff of a masked sum would spread to the whole gradient). The returned log p are
+    those of the draws ``source`` (the kept draws, copies included)."""
+    z, z_vjp = jax.vjp(reparam, params)
+    logp, logp_vjp = jax.vjp(jax.vmap(log_density), z)
+    weights, source = copy_weights(logp)
+    keep = weights > 0
+    h, h_grad = jax.value_and_grad(entropy)(params)
+    k = logp.shape[0]
+    loss = -(jnp.sum(jnp.where(keep, weights * logp, 0.0)) / k + h)
+    (dz,) = logp_vjp(-weights / k)
+    dz = jnp.where(keep.reshape((k,) + (1,) * (dz.ndim - 1)), dz, 0.0)
+    (grad,) = z_vjp(dz)
+    return (loss, logp[source]), jax.tree.map(jnp.subtract, grad, h_grad), source
 
 
 def effective_progress(accept, frac, damping) -> jax.Array:
