@@ -24,7 +24,16 @@ from ngvi.engine import (
     save_checkpoint,
     shard_data,
 )
-from ngvi.errors import ConfigError, DataError, FitError, LayoutError, ModelError, NGVIError
+from ngvi.errors import (
+    ConfigError,
+    ConvergenceWarning,
+    DataError,
+    FitError,
+    LayoutError,
+    ModelError,
+    NGVIError,
+    NGVIWarning,
+)
 from ngvi.guides import (
     DiagonalFisherGuide,
     ExpFamilyGuide,
@@ -81,6 +90,8 @@ __all__ = [
     "FitError",
     "LayoutError",
     "GuideParams",
+    "NGVIWarning",
+    "ConvergenceWarning",
 ]
 
 _LAZY = {

@@ -45,7 +45,12 @@ def _parser() -> argparse.ArgumentParser:
         "kfac or diagonal (BNNs built with ngvi.nn.dense)",
     )
     fit.add_argument("--steps", type=int, default=1000)
-    fit.add_argument("--tol", type=float, default=None, help="stop when the step KL stays below")
+    fit.add_argument(
+        "--tol",
+        type=float,
+        default=0.1,
+        help="stop once within this many nats of the optimum (default 0.1; 0 runs every step)",
+    )
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--samples", type=int, default=4000)
     fit.add_argument(
@@ -120,7 +125,7 @@ def cmd_fit(ns) -> int:
         jax.random.PRNGKey(ns.seed),
         ns.steps,
         *args,
-        tol=ns.tol,
+        tol=ns.tol or None,
         progress_bar=not ns.no_progress,
         **kwargs,
     )

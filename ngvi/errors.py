@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DataError", "FitError", "LayoutError", "ModelError", "NGVIError"]
+__all__ = [
+    "ConfigError",
+    "ConvergenceWarning",
+    "DataError",
+    "FitError",
+    "LayoutError",
+    "ModelError",
+    "NGVIError",
+    "NGVIWarning",
+]
 
 
 class NGVIError(Exception):
@@ -38,3 +47,12 @@ class FitError(NGVIError, RuntimeError):
     def __init__(self, message: str, result=None):
         super().__init__(message)
         self.result = result
+
+
+class NGVIWarning(UserWarning):
+    """Base class of every warning ngvi gives on purpose: each names what it saw and a fix."""
+
+
+class ConvergenceWarning(NGVIWarning):
+    """A fit that ended without passing its convergence check (``NGVI.run(tol=...)``): the
+    result is returned, but it is not known to be within ``tol`` of the optimum."""

@@ -18,17 +18,19 @@ jax.config.update("jax_enable_x64", True)
 pytestmark = pytest.mark.x64  # float64 in this module only (tests/conftest.py)
 
 
-def fit(name, steps, **engine_kw):
+def fit(name, steps, tol=0.1, **engine_kw):
     model, args, kwargs = models.load(name)
     guide = MeanFieldGaussian(model)
     result = NGVI(model, guide, **engine_kw).run(
-        jax.random.PRNGKey(0), steps, *args, progress_bar=False, **kwargs
+        jax.random.PRNGKey(0), steps, *args, progress_bar=False, tol=tol, **kwargs
     )
     return model, guide, result, args, kwargs
 
 
 def test_normal_normal_exact_posterior():
-    model, guide, result, args, kwargs = fit("normal_normal", 300)
+    """300 steps (no convergence check: the default tol=0.1 nat stops at 20, within 1e-4 nat of
+    the optimum but not yet at 1e-3 relative in the scale, which this test asks for)."""
+    model, guide, result, args, kwargs = fit("normal_normal", 300, tol=None)
     mod = models.load_module("normal_normal")
     exact = mod.posterior_moments(*args, **kwargs)["mu"]
     loc, scale = float(result.params["loc"][0]), float(result.params["scale"][0])
@@ -220,7 +222,7 @@ def test_meanfield_scales_to_a_million_latent_dimensions():
             numpyro.sample("z", dist.Normal(1.0, 2.0))
 
     engine = NGVI(model, MeanFieldGaussian(model), num_particles=2)
-    r = engine.run(jax.random.PRNGKey(0), 3, progress_bar=False, chunk_size=3)
+    r = engine.run(jax.random.PRNGKey(0), 3, progress_bar=False, chunk_size=3, tol=None)
     assert r.params["loc"].shape == (d,) and np.all(np.isfinite(r.params["scale"]))
 
 

@@ -24,7 +24,7 @@ from ngvi.errors import NGVIError
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint"]
 
-_FORMAT = "ngvi-checkpoint-1"
+_FORMAT = "ngvi-checkpoint-2"  # 2: the convergence check's state (progress, reference fit)
 _META = "__meta__"
 
 
@@ -82,7 +82,13 @@ def load_checkpoint(path: str | os.PathLike, template, guide):
             "delete it to start the fit afresh, or point checkpoint= at an intact file."
         ) from e
     expected = _header(template, guide)
-    for key, what in (("format", "format"), ("guide", "guide"), ("model", "model layout")):
+    if meta.get("format") != expected["format"]:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has format {meta.get('format')!r} but this version of "
+            f"ngvi writes {expected['format']!r}: it was written by another version. Finish the "
+            "fit with that version, or delete the file to start afresh."
+        )
+    for key, what in (("guide", "guide"), ("model", "model layout")):
         if meta.get(key) != expected[key]:
             raise CheckpointError(
                 f"checkpoint {str(path)!r} has {what} {meta.get(key)!r} but this fit has "

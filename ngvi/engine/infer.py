@@ -9,9 +9,18 @@ One step, for a guide with parameters ``theta`` and the loss ``L = -ELBO``:
 and Levenberg-Marquardt adaptation of the damping from ``rho = actual / predicted`` decrease,
 ``predicted = -<g, theta' - theta> / 2`` (exact for a Newton step on a quadratic): shrink it when
 ``rho > 3/4``, grow it when ``rho < 1/4``, grow it more on a rejected step. A rejected step keeps
-the last good parameters. The RNG key and the step count live in the state, so ``update`` is pure
-and a run resumed from a saved state is bit-identical to one that never stopped. ``NGVI._step``
-composes these lines from the pure pieces of ``ngvi.engine.step``.
+the last good parameters. Draws whose log density is not finite at the current parameters are
+dropped from the step (``step.copy_weights``): a sampling problem, so the damping is left alone.
+
+Stopping (``run(tol=...)``, on by default): progress counts unit natural steps
+(``step.effective_progress``: a rejected step adds 0, one damped to ``1/(1 + damping)`` adds that);
+at checks spaced by 1.5x in progress the scan stops and ``ngvi.engine.convergence`` bounds what the
+averaged fit may still gain from its ELBO changes on common random numbers and its noise floor;
+``converged=True`` when that bound is at most ``tol``.
+
+The RNG key and the step count live in the state, so ``update`` is pure and a run resumed from a
+saved state is bit-identical to one that never stopped. ``NGVI._step`` composes these lines from
+the pure pieces of ``ngvi.engine.step``; ``ngvi.engine.diagnose`` words the errors and warnings.
 """
 
 from __future__ import annotations
@@ -28,20 +37,25 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ngvi.engine import convergence
 from ngvi.engine.checkpoint import load_checkpoint, save_checkpoint
+from ngvi.engine.convergence import CheckInfo
+from ngvi.engine.diagnose import fit_error_message, warn_if_not_honest
 from ngvi.engine.step import (
     Verdict,
     averaging_weight,
+    effective_progress,
     judge,
     levenberg_marquardt,
     trust_region,
+    value_and_grad_dropping_non_finite,
 )
 from ngvi.errors import ConfigError, FitError
 from ngvi.guides.base import Guide
 from ngvi.model.target import join_data as _join_data
 from ngvi.model.target import split_data as _split_data
 
-__all__ = ["NGVI", "NGVIInfo", "NGVIRunResult", "NGVIState"]
+__all__ = ["NGVI", "CheckInfo", "NGVIInfo", "NGVIRunResult", "NGVIState"]
 
 
 class NGVIState(NamedTuple):
@@ -52,19 +66,25 @@ class NGVIState(NamedTuple):
     step: jax.Array  # () int32, steps taken (accepted or rejected)
     num_rejected: jax.Array  # () int32, total rejected steps
     consecutive_rejected: jax.Array  # () int32
-    calm_steps: jax.Array  # () int32, consecutive steps with KL(avg_old || avg_new) < tol
+    progress: jax.Array  # () unit natural steps taken (``step.effective_progress``)
+    check_params: Any  # avg_params at the last convergence check (the next check's reference)
+    check_progress: jax.Array  # () progress at the last convergence check
+    converged: jax.Array  # () bool, set by a passed convergence check
+    change: jax.Array  # () ELBO change of the average at the last check (NaN before one)
+    change_se: jax.Array  # () its standard error
 
 
 class NGVIInfo(NamedTuple):
     loss: jax.Array  # -ELBO estimate at the parameters the step started from
     accepted: jax.Array
     damping: jax.Array
-    kl: jax.Array  # KL between consecutive averaged iterates
-    step_kl: jax.Array = float("nan")  # KL(q_old || q_new) of the step (0 when rejected)
-    # () int32 why the step was rejected: 0 accepted, 1 loss or gradient not finite, 2 proposal
-    # not finite (the guide's inverse/Cholesky failed or overflowed), 3 loss not finite at the
-    # proposal, 4 the loss rose
-    reason: jax.Array = 0
+    step_kl: jax.Array  # KL(q_old || q_new) of the step (0 when rejected; NaN without max_kl)
+    # () int32 why the step was rejected: 0 accepted, 1 loss or gradient not finite at the
+    # current parameters (after dropping the bad draws), 2 proposal not finite (the guide's
+    # inverse/Cholesky failed or overflowed), 3 loss not finite at the proposal, 4 loss rose
+    reason: jax.Array
+    num_bad: jax.Array  # () int32 draws with a non-finite log density here (dropped)
+    ran: jax.Array  # () bool, False for the padding of a scan that stopped early
 
 
 class StepContext(NamedTuple):
@@ -88,6 +108,7 @@ class NGVIRunResult(NamedTuple):
     num_rejected: int
     info: NGVIInfo
     interrupted: bool = False
+    checks: tuple[CheckInfo, ...] = ()  # the convergence checks of this run
 
 
 class NGVI:
@@ -148,14 +169,19 @@ class NGVI:
 
     # -- pure pieces --------------------------------------------------------------------------
     def init(self, rng_key: jax.Array, *args, **kwargs) -> NGVIState:
-        """Set the guide up on the model's data and return the initial state."""
+        """Set the guide up on the model's data, choose its start (``Guide.choose_start``) and
+        return the initial state."""
         key_setup, key_run = jax.random.split(rng_key)
-        target = self._setup(key_setup, args, kwargs)
+        self._setup(key_setup, args, kwargs)
+        target = self.guide.choose_start(key_setup, args, kwargs)  # Guide's class docstring
         params = self.guide.init_params(target)
         params = jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.result_type(float)), params)
-        i0 = jnp.zeros((), jnp.int32)
+        i0, dtype = jnp.zeros((), jnp.int32), params_dtype(params)
+        zero, nan = jnp.zeros((), dtype), jnp.full((), jnp.nan, dtype)
+        damping = jnp.asarray(self.damping, dtype)
+        no = jnp.array(False)
         return NGVIState(
-            params, params, jnp.asarray(self.damping, params_dtype(params)), key_run, i0, i0, i0, i0
+            params, params, damping, key_run, i0, i0, i0, zero, params, zero, no, nan, nan
         )
 
     def _neg_elbo_and_logp(self, params, eps, data, model_key, z=None):
@@ -171,10 +197,10 @@ class NGVI:
         """-ELBO = -(mean_k log p(x, z_k) + H[q]) with z_k the reparameterized samples."""
         return self._neg_elbo_and_logp(params, eps, data, model_key)[0]
 
-    def _step(self, state: NGVIState, data, tol) -> tuple[NGVIState, NGVIInfo]:
+    def _step(self, state: NGVIState, data) -> tuple[NGVIState, NGVIInfo]:
         """The boxed update of the module docstring, one line a call."""
         key, ctx = self._context(state, data)
-        (loss, logp), grad, ctx = self._gradient(state, ctx)  # g = grad L(theta)
+        (loss, logp), grad, ctx, num_bad = self._gradient(state, ctx)  # g = grad L(theta)
         proposal, full_step, frac = self._propose(state, grad, ctx)  # theta - lr (F+d)^-1 g
         z_new = self.guide.reparam_proposal(state.params, proposal, ctx.eps, ctx)
         new_loss, new_logp = self._neg_elbo_and_logp(
@@ -183,41 +209,59 @@ class NGVI:
         verdict = judge(
             loss, logp, grad, proposal, new_loss, new_logp, full_step, frac, self.guide.crn_descent
         )
-        damping = self._adapt(state.damping, verdict)
-        params = jax.tree.map(lambda a, b: jnp.where(verdict.accept, a, b), proposal, state.params)
+        accept = verdict.accept
+        params = jax.tree.map(lambda a, b: jnp.where(accept, a, b), proposal, state.params)
         n = (state.step - state.num_rejected).astype(loss.dtype)
-        w = jnp.where(verdict.accept, averaging_weight(n, self.average), 0.0)
-        avg = self.guide.average(state.avg_params, params, w)
-        kl, calm = self._calm(state, avg, tol, loss.dtype)
-        rejected = (~verdict.accept).astype(jnp.int32)
-        new_state = NGVIState(
-            params,
-            avg,
-            damping,
-            key,
-            state.step + 1,
-            state.num_rejected + rejected,
-            jnp.where(verdict.accept, 0, state.consecutive_rejected + 1),
-            calm,
+        w = jnp.where(accept, averaging_weight(n, self.average), 0.0)
+        new_state = state._replace(
+            params=params,
+            avg_params=self.guide.average(state.avg_params, params, w),
+            damping=self._adapt(state.damping, verdict),
+            rng_key=key,
+            step=state.step + 1,
+            num_rejected=state.num_rejected + (~accept).astype(jnp.int32),
+            consecutive_rejected=jnp.where(accept, 0, state.consecutive_rejected + 1),
+            progress=state.progress + effective_progress(accept, frac, state.damping),
         )
-        step_kl = self._step_kl(state.params, params, verdict.accept, loss.dtype)
-        return new_state, NGVIInfo(loss, verdict.accept, state.damping, kl, step_kl, verdict.reason)
+        step_kl = self._step_kl(state.params, params, accept, loss.dtype)
+        info = NGVIInfo(
+            loss, accept, state.damping, step_kl, verdict.reason, num_bad, jnp.array(True)
+        )
+        return new_state, info
 
     def _context(self, state: NGVIState, data) -> tuple[jax.Array, StepContext]:
         """The next state key and this step's noise, model key and loss on them."""
         key, k_eps, k_model = jax.random.split(state.rng_key, 3)
         eps = self.guide.base_noise(k_eps, self.num_particles)
         model_key = k_model if self.guide.target.has_subsample else None
-        loss_fn = lambda p: self._neg_elbo(p, eps, data, model_key)
-        return key, StepContext(eps, data, model_key, loss_fn, jax.random.fold_in(k_model, 1))
+        ctx = StepContext(eps, data, model_key, None, jax.random.fold_in(k_model, 1))
+        return key, self._with_noise(ctx, eps)
+
+    def _with_noise(self, ctx: StepContext, eps) -> StepContext:
+        loss_fn = lambda p: self._neg_elbo(p, eps, ctx.data, ctx.model_key)
+        return ctx._replace(eps=eps, loss_fn=loss_fn)
 
     def _gradient(self, state: NGVIState, ctx: StepContext):
-        """((L, log p per particle), grad L, ctx with the guide's curvature) at ``state.params``."""
-        loss_and_logp = lambda p: self._neg_elbo_and_logp(p, ctx.eps, ctx.data, ctx.model_key)
-        value, grad, curvature = self.guide.value_and_grad(
-            loss_and_logp, state.params, state.step, ctx
+        """((L, log p per draw), grad L, ctx with the guide's curvature and the draws used, number
+        of draws dropped) at ``state.params``. Draws whose log density is not finite here are
+        dropped (``step.copy_weights``) by the engine's own gradient; a guide with its own
+        ``value_and_grad`` (K-FAC) gets none dropped: its step is rejected, without touching
+        the damping, and the next step draws afresh."""
+        if type(self.guide).value_and_grad is not Guide.value_and_grad:
+            loss_and_logp = lambda p: self._neg_elbo_and_logp(p, ctx.eps, ctx.data, ctx.model_key)
+            value, grad, curvature = self.guide.value_and_grad(
+                loss_and_logp, state.params, state.step, ctx
+            )
+            num_bad = jnp.sum(~jnp.isfinite(value[1])).astype(jnp.int32)
+            return value, grad, ctx._replace(curvature=curvature), num_bad
+        args, kwargs = ctx.data
+        target = self.guide.target
+        log_density = lambda zi: target.log_density(zi, args, kwargs, ctx.model_key)
+        value, grad, source = value_and_grad_dropping_non_finite(
+            lambda p: self.guide.reparam(p, ctx.eps), log_density, self.guide.entropy, state.params
         )
-        return value, grad, ctx._replace(curvature=curvature)
+        num_bad = jnp.sum(source != jnp.arange(source.shape[0])).astype(jnp.int32)
+        return value, grad, self._with_noise(ctx, ctx.eps[source]), num_bad
 
     def _propose(self, state: NGVIState, grad, ctx: StepContext):
         """(proposal, full natural step, fraction t of it kept by the KL trust region)."""
@@ -234,15 +278,11 @@ class NGVI:
             return damping
         return levenberg_marquardt(damping, verdict, self.damping)
 
-    def _calm(self, state: NGVIState, avg, tol, dtype):
-        """(KL(avg_old || avg_new), consecutive steps with that KL below ``tol``); the KL drives
-        the stopping rule only, so it is skipped when there is no ``tol``."""
-        kl = lax.cond(
-            tol > 0,
-            lambda: self.guide.kl(state.avg_params, avg).astype(dtype),
-            lambda: jnp.zeros((), dtype),
-        )
-        return kl, jnp.where(kl < tol, state.calm_steps + 1, 0)
+    def _check(self, state: NGVIState, dynamic, spec, tol: float) -> tuple[NGVIState, CheckInfo]:
+        """``ngvi.engine.convergence.run_check`` on the compiled ``evaluate``."""
+        fn = self._compiled("evaluate", spec)
+        evaluate = lambda s, key: fn(s, dynamic, key)
+        return convergence.run_check(state, evaluate, tol, self.num_particles, self.average)
 
     def _step_kl(self, old, new, accept, dtype):
         """KL(q_old || q_new) of an accepted step (0 when rejected), with a trust region only."""
@@ -252,12 +292,14 @@ class NGVI:
 
     # -- jitted entry points --------------------------------------------------------------------
     def _compiled(self, name: str, spec, chunk: int = 0):
+        """The jitted ``update``, ``evaluate`` or ``run`` chunk (which stops early at a due
+        convergence check when ``tol > 0``)."""
         key = (name, spec, chunk)
         if key not in self._jitted:
             if name == "update":
 
-                def fn(state, dynamic, tol):
-                    return self._step(state, _join_data(dynamic, spec), tol)
+                def fn(state, dynamic):
+                    return self._step(state, _join_data(dynamic, spec))
             elif name == "evaluate":
 
                 def fn(state, dynamic, key):
@@ -276,22 +318,20 @@ class NGVI:
         def body(s, _):
             done = (
                 (s.step >= stop_at)
-                | (s.calm_steps >= self._patience)
+                | s.converged
                 | (s.consecutive_rejected >= self.max_rejections)
+                | ((tol > 0) & convergence.due(s))
             )
-            nan_info = NGVIInfo(
-                jnp.nan, jnp.array(False), s.damping, jnp.nan, jnp.nan, jnp.zeros((), jnp.int32)
-            )
-            return lax.cond(done, lambda s: (s, nan_info), lambda s: self._step(s, data, tol), s)
+            i0, nan = jnp.zeros((), jnp.int32), jnp.full((), jnp.nan, s.damping.dtype)
+            pad = NGVIInfo(nan, jnp.array(False), s.damping, nan, i0, i0, jnp.array(False))
+            return lax.cond(done, lambda s: (s, pad), lambda s: self._step(s, data), s)
 
         return lax.scan(body, state, None, length=chunk)
-
-    _patience = 10
 
     def update(self, state: NGVIState, *args, **kwargs) -> tuple[NGVIState, jax.Array]:
         """One natural step; returns the new state and the loss (-ELBO) it started from."""
         dynamic, spec = self._checked_data(args, kwargs)
-        new_state, info = self._compiled("update", spec)(state, dynamic, jnp.asarray(-1.0))
+        new_state, info = self._compiled("update", spec)(state, dynamic)
         return new_state, info.loss
 
     def evaluate(self, state: NGVIState, *args, **kwargs) -> jax.Array:
@@ -326,7 +366,7 @@ class NGVI:
         num_steps: int,
         *args,
         progress_bar: bool = True,
-        tol: float | None = None,
+        tol: float | None = 0.1,
         init_state: NGVIState | None = None,
         chunk_size: int = 100,
         checkpoint: str | None = None,
@@ -336,8 +376,15 @@ class NGVI:
     ) -> NGVIRunResult:
         """Run up to ``num_steps`` steps (from ``init_state`` if given), scanned in jitted chunks.
 
-        With ``tol``, stop once the KL between consecutive averaged iterates stays below ``tol``
-        for 10 steps. Ctrl-C returns the partial result with the last good state.
+        ``tol`` (nats, default 0.1; ``None`` turns checking off): stop once the ELBO of the
+        reported fit (the iterate average) can gain at most ``tol`` more, as bounded from its
+        changes over the last windows (each the last third of the run) with about 95% confidence
+        and its noise floor (see the module docstring; ``result.checks`` lists the checks).
+        ``converged=True`` means that check passed; on models with a known optimum such fits
+        lie within ``tol`` nats of their family's optimum. A run that
+        ends without passing it warns (``ngvi.ConvergenceWarning``) naming the likely cause and
+        the fix; ``num_steps`` is then a budget, not a target. Ctrl-C returns the partial result
+        with the last good state. A converged ``init_state`` is continued: its check restarts.
 
         With ``checkpoint=path`` the state is written there atomically every ``checkpoint_every``
         steps (default: every chunk) and at the end, and ``num_steps`` counts from the start of
@@ -347,8 +394,13 @@ class NGVI:
         """
         if not (isinstance(num_steps, (int, np.integer)) and num_steps >= 1):
             raise ConfigError(f"num_steps must be a positive integer, got {num_steps!r}.")
-        if tol is not None and not tol > 0:
-            raise ConfigError(f"tol must be positive (nats of KL per step), got {tol!r}.")
+        if tol is not None and not (
+            isinstance(tol, (int, float, np.floating)) and math.isfinite(tol) and tol > 0
+        ):
+            raise ConfigError(
+                f"tol must be None (no convergence check) or a positive number of nats (the "
+                f"default 0.1 stops within about 0.1 nat of the optimum), got {tol!r}."
+            )
         if checkpoint_every is not None:
             if not (isinstance(checkpoint_every, (int, np.integer)) and checkpoint_every >= 1):
                 raise ConfigError(
@@ -359,10 +411,17 @@ class NGVI:
         dynamic, spec = _split_data(args, kwargs)
         fn = self._compiled("run", spec, int(chunk_size))
         tol_arr = jnp.asarray(-1.0 if tol is None else tol)
-        infos, interrupted = [], False
+        infos, checks, interrupted = [], [], False
         bar = _progress(max(int(stop_at) - int(state.step), 0), progress_bar)
         try:
-            while int(state.step) < int(stop_at):
+            while True:
+                if tol is not None and bool(convergence.due(state)) and not state.converged:
+                    state, check = self._check(state, dynamic, spec, tol)
+                    checks.append(check)
+                    if checkpoint is not None:
+                        save_checkpoint(checkpoint, state, self.guide)
+                if int(state.step) >= int(stop_at) or _should_stop(state, self):
+                    break
                 before = int(state.step)
                 state, info = fn(state, dynamic, tol_arr, stop_at)
                 infos.append(info)
@@ -375,7 +434,7 @@ class NGVI:
                     )
                 if callback is not None:
                     callback(state)
-                if int(state.step) == before or _should_stop(state, self):
+                if int(state.step) == before and not bool(convergence.due(state)):
                     break
         except KeyboardInterrupt:
             interrupted = True
@@ -383,12 +442,18 @@ class NGVI:
         finally:
             if bar is not None:
                 bar.close()
-        return self._result(state, infos, interrupted)
+        return self._result(state, infos, interrupted, tol, tuple(checks))
 
     def _start(self, rng_key, num_steps, args, kwargs, init_state, checkpoint):
         """The state to start from and the step to stop at (see ``run``)."""
         if init_state is not None:
             self._setup(jax.random.PRNGKey(0), args, kwargs)
+            if bool(init_state.converged):  # asked for more steps: check afresh from here
+                init_state = init_state._replace(
+                    converged=jnp.array(False),
+                    check_params=init_state.avg_params,
+                    check_progress=init_state.progress,
+                )
             return init_state, init_state.step + num_steps
         state = self.init(rng_key, *args, **kwargs)
         if checkpoint is None:
@@ -397,55 +462,34 @@ class NGVI:
             state = load_checkpoint(checkpoint, state, self.guide)
         return state, jnp.asarray(num_steps, jnp.int32)
 
-    def _result(self, state, infos, interrupted) -> NGVIRunResult:
+    def _result(self, state, infos, interrupted, tol=None, checks=()) -> NGVIRunResult:
         if infos:
             info = jax.tree.map(lambda *x: jnp.concatenate(x), *infos)
-            keep = np.nonzero(~np.isnan(np.asarray(info.kl)))[0]  # skipped steps have kl=NaN
-            info = jax.tree.map(lambda x: x[keep], info)
-            n_run = len(keep)
+            info = jax.tree.map(lambda x: x[np.asarray(info.ran)], info)  # drop the padding
         else:
-            info, n_run = NGVIInfo(*(jnp.zeros((0,)),) * 5, jnp.zeros((0,), jnp.int32)), 0
+            i0 = jnp.zeros((0,), jnp.int32)
+            f0, b0 = jnp.zeros((0,)), jnp.zeros((0,), bool)
+            info = NGVIInfo(f0, b0, f0, f0, i0, i0, b0)
         result = NGVIRunResult(
             self.get_params(state),
             state,
             info.loss,
-            n_run,
-            bool(state.calm_steps >= self._patience),
+            int(info.loss.shape[0]),
+            bool(state.converged),
             int(state.num_rejected),
             info,
             interrupted,
+            checks,
         )
         if int(state.consecutive_rejected) >= self.max_rejections:
-            raise FitError(_rejection_message(self, state, info), result)
+            raise FitError(fit_error_message(self, state, info), result)
+        if not interrupted:
+            warn_if_not_honest(self, state, info, tol, checks, stacklevel=3)
         return result
 
 
 def _should_stop(state: NGVIState, engine: NGVI) -> bool:
-    return bool(state.calm_steps >= engine._patience) or bool(
-        state.consecutive_rejected >= engine.max_rejections
-    )
-
-
-_CAUSES = {
-    1: "the ELBO or its gradient is not finite at the current parameters (the log density "
-    "overflows there: check the priors and the data's scale, or try float64)",
-    2: "the guide's proposal is not finite (its Fisher inverse or Cholesky failed, or the step "
-    "overflowed): lower lr, set max_kl, raise the initial damping, or try float64",
-    3: "the ELBO is not finite at every proposal (the steps reach where the log density "
-    "overflows): lower lr, set max_kl, or try float64",
-}
-
-
-def _rejection_message(engine, state, info) -> str:
-    reasons = np.asarray(info.reason)
-    last = int(reasons[-1]) if reasons.size else 4
-    cause = _CAUSES.get(
-        last, f"no step improved the ELBO even with damping {float(state.damping):.3g}"
-    )
-    return (
-        f"{engine.max_rejections} consecutive steps were rejected at step {int(state.step)}: "
-        f"{cause}. The result holds the last good state (FitError.result)."
-    )
+    return bool(state.converged) or bool(state.consecutive_rejected >= engine.max_rejections)
 
 
 def _data_shapes(dynamic, spec) -> tuple:

@@ -28,7 +28,7 @@ import numpyro.distributions as dist
 from numpyro.distributions.transforms import biject_to
 from numpyro.distributions.util import sum_rightmost
 from numpyro.handlers import block, seed, substitute, trace
-from numpyro.infer.initialization import init_to_median
+from numpyro.infer.initialization import init_to_feasible, init_to_median, init_to_uniform
 
 from ngvi.errors import ConfigError, ModelError
 from ngvi.guides.params import (
@@ -38,9 +38,10 @@ from ngvi.guides.params import (
     layout_in_handlers,
     layout_mismatch,
 )
-from ngvi.model.target import Target, make_target
+from ngvi.model.target import Target, init_candidates, join_data, make_target, split_data
 
 __all__ = [
+    "DEFAULT_STARTS",
     "Guide",
     "GuideParams",
     "ParamLayout",
@@ -51,6 +52,13 @@ __all__ = [
     "tree_vdot",
 ]
 
+#: the candidate starts tried when no ``init_strategy`` is given (``Guide.choose_start``)
+DEFAULT_STARTS = (
+    ("median", init_to_median(num_samples=15)),
+    ("feasible", init_to_feasible()),
+    ("uniform", init_to_uniform(radius=2.0)),
+)
+
 _LATENT = "_ngvi_latent"
 _TRACER_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError)
 
@@ -60,6 +68,15 @@ class Guide:
 
     Like NumPyro's autoguides, a guide learns the model's latent layout on its first ``setup``
     (done by ``NGVI.init``) and keeps it; a later setup with a model of another layout raises.
+
+    The start: with ``init_strategy`` given (any NumPyro init strategy, e.g.
+    ``numpyro.infer.init_to_value(values=...)``), the guide's initial ``q`` is centred there.
+    Without it, ``NGVI.init`` tries the candidates of ``DEFAULT_STARTS`` (NumPyro's
+    ``init_to_median(num_samples=15)``, ``init_to_feasible()``, ``init_to_uniform()``), scores
+    the guide's initial ``q`` at each by a fixed-noise ELBO (8 draws) and keeps the best
+    (``choose_start``; ``start_scores`` records them). One start does not fit all: a median of
+    prior draws can leave a long random-walk path flat and its step size tiny, so that the fit
+    crawls, where the feasible point (every unconstrained coordinate 0) lets it move.
     """
 
     #: True when ``natural_step`` is a descent step on the step's common-random-numbers loss
@@ -72,7 +89,9 @@ class Guide:
             raise ConfigError(f"model must be a callable NumPyro model, got {model!r}.")
         check_callable("init_strategy", init_strategy, "e.g. numpyro.infer.init_to_median()")
         self.model = model
-        self.init_strategy = init_strategy or init_to_median(num_samples=15)
+        self.user_init_strategy = init_strategy  # None: choose among DEFAULT_STARTS
+        self.init_strategy = init_strategy or DEFAULT_STARTS[0][1]  # the layout's first point
+        self.start_scores: dict[str, float] = {}  # ELBO of the initial q per candidate start
         self._target: Target | None = None
         self._data: tuple = ((), {})  # the (args, kwargs) of the last setup
 
@@ -107,6 +126,43 @@ class Guide:
                     "args, kwargs) outside the jitted function."
                 ) from e
         return self.target
+
+    def choose_start(self, rng_key: jax.Array, args: tuple = (), kwargs: dict | None = None):
+        """The set-up target with ``init_z`` at the best of the candidate starts (class
+        docstring); the user's ``init_strategy`` alone when given. Each candidate is scored by
+        ``ELBO = mean_k log p(x, z_k) + H[q0]`` of the guide's initial ``q0`` centred there, on
+        one fixed set of 8 draws (common random numbers); candidates with a non-finite score are
+        left out, and the layout's own point stays when none is better."""
+        target = self.target
+        if self.user_init_strategy is not None:
+            return target
+        others = init_candidates(target, args, kwargs, [s for _, s in DEFAULT_STARTS[1:]], rng_key)
+        found = [(n, z) for (n, _), z in zip(DEFAULT_STARTS[1:], others) if z is not None]
+        names = [DEFAULT_STARTS[0][0]] + [n for n, _ in found]
+        points = [jnp.asarray(target.init_z)] + [z for _, z in found]
+        score = self._start_score(target, args, kwargs)
+        eps = self.base_noise(jax.random.fold_in(rng_key, 7), 8)
+        scores = [float(score(z, eps)) for z in points]
+        self.start_scores = dict(zip(names, scores))
+        finite = [i for i, v in enumerate(scores) if math.isfinite(v)]
+        best = max(finite, key=lambda i: scores[i]) if finite else 0
+        self._target = target._replace(init_z=points[best])
+        return self._target
+
+    def _start_score(self, target: Target, args, kwargs) -> Callable:
+        """A jitted ``(z0, eps) -> ELBO`` of the initial ``q`` centred at ``z0``."""
+        dynamic, spec = split_data(args, dict(kwargs or {}))
+        key = jax.random.PRNGKey(0)  # the model's own randomness (subsampling), fixed
+
+        @jax.jit
+        def score(z0, eps, dynamic):
+            a, k = join_data(dynamic, spec)
+            params = self.init_params(target._replace(init_z=z0))
+            z = self.reparam(params, eps)
+            logp = jax.vmap(lambda zi: target.log_density(zi, a, k, key))(z)
+            return jnp.mean(logp) + self.entropy(params)
+
+        return lambda z0, eps: score(z0, eps, dynamic)
 
     @property
     def target(self) -> Target:

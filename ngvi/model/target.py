@@ -33,7 +33,15 @@ from numpyro.infer.util import constrain_fn, log_density
 from ngvi.errors import DataError, ModelError
 from ngvi.numerics.logspace import stable_potential_energy
 
-__all__ = ["Site", "Target", "make_target", "site_roles", "split_data", "join_data"]
+__all__ = [
+    "Site",
+    "Target",
+    "init_candidates",
+    "make_target",
+    "site_roles",
+    "split_data",
+    "join_data",
+]
 
 
 class Site(NamedTuple):
@@ -426,6 +434,31 @@ def _find_init(model, args, kwargs, latent, unravel, rng_key, init_strategy, tri
         f"probability of site(s) {bad} is -inf or NaN there. Check the parameters of these sites "
         "(e.g. a scale that can be zero or negative) and that the data lie in their support."
     )
+
+
+def init_candidates(
+    target: Target, args: tuple, kwargs: dict | None, strategies, rng_key: jax.Array
+) -> list[jax.Array | None]:
+    """Flat unconstrained points (dim,), one per NumPyro init strategy (``init_to_median``,
+    ``init_to_uniform``, ...), from one trace of the model each; ``None`` for a strategy that
+    raises or gives a non-finite point (the caller scores the others)."""
+    out = []
+    for i, strategy in enumerate(strategies):
+        key = jax.random.fold_in(rng_key, i)
+        model = substitute(seed(target.model, key), substitute_fn=strategy)
+        try:
+            tr = trace(model).get_trace(*args, **(kwargs or {}))
+            parts = [
+                jnp.reshape(biject_to(s.support).inv(tr[s.name]["value"]), (-1,))
+                for s in target.sites  # sorted by name: the flat layout's order
+            ]
+        except (TypeError, ValueError, KeyError, NotImplementedError):
+            out.append(None)
+            continue
+        z = jnp.concatenate(parts).astype(jnp.result_type(float))
+        ok = z.shape == (target.dim,) and bool(jnp.all(jnp.isfinite(z)))
+        out.append(z if ok else None)
+    return out
 
 
 def _potential_and_grad(model, args, kwargs, unravel, key, z):
