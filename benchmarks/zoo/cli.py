@@ -75,12 +75,17 @@ def worker(ns: argparse.Namespace) -> int:
     for model, guide in plan(ns):
         if (model, guide, ns.worker) in done:
             continue
-        cell = run_cell(REGISTRY[model], guide, ns.steps)  # judged when the table is written
+        try:
+            cell = run_cell(REGISTRY[model], guide, ns.steps)  # judged when the table is written
+        except Exception as e:  # a harness failure is recorded in the table, not fatal to the run
+            cell = {"model": model, "guide": guide, "dtype": ns.worker, "steps": None}
+            cell.update(converged=None, rejected=None, seconds=None, warnings=[], elbo=None)
+            cell["error"] = f"harness: {type(e).__name__}: {e}"[:300]
         with open(ns.cells, "a") as f:
             f.write(json.dumps(cell) + "\n")
         print(
             f"{ns.worker} {model:28s} {guide:9s} elbo={cell.get('elbo')} steps={cell['steps']} "
-            f"converged={cell['converged']} {cell['seconds']:.0f}s {cell['error'] or ''}",
+            f"converged={cell['converged']} {cell['seconds']}s {cell['error'] or ''}",
             flush=True,
         )
     return 0

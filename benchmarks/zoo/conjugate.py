@@ -4,6 +4,7 @@ Dirichlet-multinomial) and marginalised Gaussian mixtures (``MixtureSameFamily``
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -144,5 +145,26 @@ register(
     expfam=True,
     target_accept=0.9,
 )
-register("gmm_2", gaussian_mixture, _gmm2_data, 5, "mixture", expfam=True)
-register("gmm_3", gaussian_mixture, _gmm3_data, 8, "mixture", expfam=True)
+
+
+def _quantile_init(data: Callable, K: int) -> Callable:
+    """NUTS start for a K-component mixture: locs at the data's (k + 1/2)/K quantiles."""
+
+    def init():
+        (y, _), _ = data()
+        return {"loc": jnp.quantile(y, (jnp.arange(K) + 0.5) / K)}
+
+    return init
+
+
+for _name, _data, _K in (("gmm_2", _gmm2_data, 2), ("gmm_3", _gmm3_data, 3)):
+    register(
+        _name,
+        gaussian_mixture,
+        _data,
+        3 * _K - 1,
+        "mixture",
+        expfam=True,
+        nuts_init=_quantile_init(_data, _K),
+        note="local modes exist (components merged); NUTS starts in the main mode",
+    )

@@ -4,7 +4,9 @@
 
 NumPyro NUTS in float64, ``NUM_CHAINS`` chains run one after the other
 (``chain_method="sequential"``: the machine is small), ``NUM_WARMUP`` warmup and ``NUM_SAMPLES``
-draws each, fixed seed, the target acceptance the model's entry states. Per model the file holds,
+draws each, fixed seed, the target acceptance the model's entry states, started by
+``init_to_uniform`` (NumPyro's default) or at the entry's ``nuts_init`` values (mixtures: their
+main mode, so that no chain settles in a local mode). Per model the file holds,
 for every latent site in the constrained space, the posterior mean, sd and Monte Carlo standard
 error of the mean (flattened), the run's settings, time, divergences, max r_hat and min bulk ESS,
 and ``start``: the mean and sd of chain 0 in the flat unconstrained space of
@@ -38,7 +40,7 @@ import numpy as np  # noqa: E402
 import numpyro  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 from numpyro.distributions.transforms import biject_to  # noqa: E402
-from numpyro.infer import MCMC, NUTS  # noqa: E402
+from numpyro.infer import MCMC, NUTS, init_to_uniform, init_to_value  # noqa: E402
 
 from benchmarks.zoo import REGISTRY, ZooModel  # noqa: E402
 
@@ -79,7 +81,8 @@ def unconstrained(draws: dict, supports: dict) -> np.ndarray:
 def run_nuts(entry: ZooModel) -> tuple[dict, dict]:
     """(chain-grouped draws {site: (chains, draws, ...)}, run statistics)."""
     args, kwargs = entry.data()
-    kernel = NUTS(entry.model, target_accept_prob=entry.target_accept)
+    init = init_to_value(values=entry.nuts_init()) if entry.nuts_init else init_to_uniform
+    kernel = NUTS(entry.model, target_accept_prob=entry.target_accept, init_strategy=init)
     mcmc = MCMC(
         kernel,
         num_warmup=NUM_WARMUP,

@@ -28,6 +28,9 @@ class ZooModel(NamedTuple):
     twin: str | None = None  # a reparameterised twin whose NUTS run gives this model's reference
     twin_sites: dict | None = None  # {site here: site (latent or deterministic) in the twin}
     multimodal: bool = False  # symmetric modes (BNN weights): NUTS chains may sit in different ones
+    nuts_init: Callable | None = (
+        None  # () -> {site: value}: NUTS starts there (mixtures' main mode)
+    )
     quick: bool = False  # in the --quick subset
     note: str = ""
 
