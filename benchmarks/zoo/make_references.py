@@ -43,13 +43,13 @@ from numpyro.distributions.transforms import biject_to  # noqa: E402
 from numpyro.infer import MCMC, NUTS, init_to_uniform, init_to_value  # noqa: E402
 
 from benchmarks.zoo import REGISTRY, ZooModel  # noqa: E402
+from benchmarks.zoo.registry import RHAT_MAX  # noqa: E402
 
 PATH = Path(__file__).resolve().parent / "references.json"
 SEED = 0
 NUM_CHAINS = 2
 NUM_WARMUP = 1000
 NUM_SAMPLES = 2000
-RHAT_MAX = 1.01
 
 
 def _r(x, digits: int = 6) -> list:

@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
-__all__ = ["FULLRANK_MAX_DIM", "REGISTRY", "ZooModel", "guides_for", "register"]
+__all__ = ["FULLRANK_MAX_DIM", "REGISTRY", "RHAT_MAX", "ZooModel", "guides_for", "register"]
 
 FULLRANK_MAX_DIM = 200
+RHAT_MAX = 1.01  # a NUTS reference is reliable with no divergence and every r_hat <= this
 
 
 class ZooModel(NamedTuple):
@@ -72,8 +73,9 @@ def register(
 
 def traced_layout(entry: ZooModel) -> tuple[int, bool, bool]:
     """(latent dimension, some site gets an ExpFamilyGuide Gamma/Beta/Dirichlet factor, the model
-    declares dense layers), read off one trace of the model on its data: what the declared
-    ``dim`` and ``guides`` must agree with."""
+    declares dense layers), read off one abstract trace of the model on its data
+    (``jax.eval_shape``: shapes only, nothing computed): what the declared ``dim`` and ``guides``
+    must agree with."""
     import math
 
     import jax
@@ -84,8 +86,15 @@ def traced_layout(entry: ZooModel) -> tuple[int, bool, bool]:
     from ngvi.nn import layer_markers
 
     args, kwargs = entry.data()
-    tr = trace(seed(entry.model, jax.random.PRNGKey(0))).get_trace(*args, **kwargs)
-    latent = [s for s in tr.values() if s["type"] == "sample" and not s["is_observed"]]
-    dim = sum(math.prod(biject_to(s["fn"].support).inv(s["value"]).shape) for s in latent)
-    expfam = any(type(_base_transform(s["fn"].support)) in _DEFAULT for s in latent)
-    return dim, expfam, bool(layer_markers(tr))
+    facts = {}
+
+    def unconstrained(key):
+        tr = trace(seed(entry.model, key)).get_trace(*args, **kwargs)
+        latent = [s for s in tr.values() if s["type"] == "sample" and not s["is_observed"]]
+        facts["expfam"] = any(type(_base_transform(s["fn"].support)) in _DEFAULT for s in latent)
+        facts["layers"] = bool(layer_markers(tr))
+        return {s["name"]: biject_to(s["fn"].support).inv(s["value"]) for s in latent}
+
+    shapes = jax.eval_shape(unconstrained, jax.random.PRNGKey(0))
+    dim = sum(math.prod(x.shape) for x in shapes.values())
+    return dim, facts["expfam"], facts["layers"]
