@@ -51,6 +51,11 @@ def markdown(cells: list[dict], meta: dict, refs: dict, optima: dict) -> str:
         "ELBO maximised by L-BFGS, `benchmarks/zoo/optima.json`) and a NUTS reference "
         "(`benchmarks/zoo/references.json`).",
         "",
+        "Regenerate: `python benchmarks/zoo/make_references.py` (NUTS, float64, about an hour on "
+        "two busy cores), `python benchmarks/zoo/make_optima.py` (L-BFGS family optima), then "
+        "`python benchmarks/zoo.py` (this table; `--quick` for a 7-model subset at 300 steps, "
+        "`--only NAME`, `--guides`, `--dtypes`, `--steps`, `--resume`, `--table-only`).",
+        "",
         f"- run: {meta.get('date', '')}, {meta.get('platform', '')}, jax {meta.get('jax', '')}, "
         f"ngvi at `{meta.get('commit', '')}`; num_steps = {meta.get('num_steps')}"
         + (f"; note: {meta['note']}" if meta.get("note") else ""),
