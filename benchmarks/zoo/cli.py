@@ -138,7 +138,7 @@ def write_table(ns: argparse.Namespace, cells: list[dict], seconds: float) -> No
     guides = ("meanfield", "fullrank", "expfam", "kfac")
     cells.sort(key=lambda c: (order[c["model"]], guides.index(c["guide"]), c["dtype"]))
     commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ["git", "log", "-1", "--format=%h", "--", "ngvi"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
     meta = {
         "date": datetime.date.today().isoformat(),
