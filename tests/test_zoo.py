@@ -1,0 +1,96 @@
+"""The model zoo (``benchmarks/zoo``) and the rule of issue 17 on its fastest cells.
+
+The rule: a default fit (``NGVI(model, Guide(model)).run(key, num_steps, ...)``, nothing else)
+that reports ``converged=True`` is within 0.1 nat of its family optimum; a fit that is not within
+0.1 nat says so (a warning or a ``FitError``). The cells below go through the same harness
+function as ``python benchmarks/zoo.py`` (``run_cell``: fit in float32, the test session's dtype,
+then judged in float64 against the committed optimum). Cells that break the rule on the engine
+as it is are marked ``xfail(strict=False)`` with what goes wrong; they pass once the engine
+warns or converges honestly.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the zoo lives in benchmarks/
+
+from benchmarks.zoo import REGISTRY, guides_for  # noqa: E402
+from benchmarks.zoo.assess import load_optima, load_references  # noqa: E402
+from benchmarks.zoo.harness import TOL_NAT, run_cell  # noqa: E402
+from benchmarks.zoo.registry import RHAT_MAX, traced_layout  # noqa: E402
+
+REFS, OPTIMA = load_references(), load_optima()
+
+
+def test_references_cover_every_model():
+    missing = sorted(set(REGISTRY) - set(REFS))
+    assert not missing, f"no NUTS reference for {missing}: run benchmarks/zoo/make_references.py"
+    for name, entry in REGISTRY.items():
+        ref = REFS[name]
+        nuts = ref["nuts"]
+        assert nuts["num_chains"] >= 2 and nuts["num_samples"] >= 1000, name
+        assert nuts["dtype"] == "float64", name
+        sound = nuts["divergences"] == 0 and nuts["r_hat_max"] <= RHAT_MAX
+        assert ref["reliable"] == (sound and not entry.multimodal), name
+        assert len(ref["start"]["loc"]) == entry.dim, name
+        for site in ref["sites"].values():
+            size = math.prod(site["shape"])
+            assert len(site["mean"]) == len(site["sd"]) == size, name
+            assert np.all(np.asarray(site["sd"]) > 0), name
+
+
+def test_optima_cover_every_model_and_family():
+    missing = sorted(set(REGISTRY) - set(OPTIMA))
+    assert not missing, f"no family optimum for {missing}: run benchmarks/zoo/make_optima.py"
+    for name, entry in REGISTRY.items():
+        opt = OPTIMA[name]
+        families = {g for g in entry.guides if g != "kfac"}  # K-FAC is judged by mean-field's
+        assert families <= set(opt), (name, families - set(opt))
+        assert all(math.isfinite(opt[f]["elbo"]) for f in families), name
+        if "fullrank" in families:  # a richer family: not worse beyond the scorers' noise
+            assert opt["fullrank"]["elbo"] >= opt["meanfield"]["elbo"] - 0.05, name
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_model_data_and_declared_layout(name):
+    """data() runs, and the declared dimension and guides match the traced model."""
+    entry = REGISTRY[name]
+    dim, expfam, layers = traced_layout(entry)
+    assert dim == entry.dim
+    assert entry.guides == guides_for(dim, expfam, layers)
+
+
+_NO_WARNING = "the engine ends short of the family optimum with converged=False and no warning"
+RULE_CELLS = [
+    pytest.param("ar1", "meanfield", id="ar1-meanfield"),
+    pytest.param("poisson_regression", "meanfield", id="poisson_regression-meanfield"),
+    pytest.param("change_point", "expfam", id="change_point-expfam"),
+    pytest.param(
+        "pumps",
+        "expfam",
+        id="pumps-expfam",
+        marks=pytest.mark.xfail(
+            strict=False,
+            reason="issue 17 item 2: float32 ExpFamilyGuide on the Gamma-Poisson pumps starts "
+            "~1.9e6 nats off and ends in FitError at damping 3e37, ~2e4 nats off",
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "guide"), RULE_CELLS)
+def test_default_fit_is_right_or_says_so(name, guide):
+    cell = run_cell(REGISTRY[name], guide, refs=REFS, optima=OPTIMA)
+    gap, said = cell["gap"], bool(cell["warnings"] or cell["error"])
+    assert gap is not None, cell
+    if cell["converged"]:
+        assert gap <= TOL_NAT, f"converged=True {gap:.3g} nat from the family optimum"
+    else:
+        assert gap <= TOL_NAT or said, f"{gap:.3g} nat off and no warning: {_NO_WARNING}"
+    assert cell["verdict"] in ("ok", "miss (warned)")
