@@ -8,8 +8,6 @@ repository's ``models/``) import ngvi, never the reverse.
 
 The diagnostics and plotting names (ArviZ, matplotlib: ~2 s to import) load on first use."""
 
-import importlib
-
 from ngvi import em, families, nn
 from ngvi.engine import (
     NGVI,
@@ -94,19 +92,16 @@ __all__ = [
     "ConvergenceWarning",
 ]
 
-_LAZY = {
-    **dict.fromkeys(
-        ("PSISResult", "psis_diagnostic", "psis_khat", "to_inference_data"),
-        "ngvi.report.diagnostics",
-    ),
-    **dict.fromkeys(("plot_elbo", "plot_marginals", "plot_pair"), "ngvi.report.plots"),
-}
+_LAZY = ("PSISResult", "psis_diagnostic", "psis_khat", "to_inference_data")
+_LAZY += ("plot_elbo", "plot_marginals", "plot_pair")
 
 
 def __getattr__(name: str):
-    """Import ArviZ/matplotlib-backed names on first access (PEP 562)."""
+    """ArviZ/matplotlib-backed names, imported on first access by ``ngvi.report`` (PEP 562)."""
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
+        from ngvi import report
+
+        value = getattr(report, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'ngvi' has no attribute {name!r}")
