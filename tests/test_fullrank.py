@@ -34,7 +34,7 @@ def test_one_unit_step_is_exact_on_correlated_gaussian(hessian):
     """Sigma = [[2, 1], [1, 2]]. With 8 particles >= 2d the noise is antithetic and whitened
     (sample mean 0, sample second moment I), so the mean gradient and the Stein Hessian are exact
     for the quadratic log density; 'exact' uses jax.hessian. One unit step lands on the target
-    (to the float32 precision of the model's covariance)."""
+    (to rounding: the tolerance's error model is below)."""
     model, args, kwargs = models.load("correlated_gaussian")
     guide = FullRankGaussian(model, hessian=hessian)
     engine = NGVI(model, guide, lr=1.0, num_particles=8)
@@ -42,8 +42,12 @@ def test_one_unit_step_is_exact_on_correlated_gaussian(hessian):
     state, _ = engine.update(state, *args, **kwargs)
     assert int(state.num_rejected) == 0
     sigma = models.load_module("correlated_gaussian").covariance()
-    np.testing.assert_allclose(state.params["loc"], 0.0, atol=1e-6)
-    np.testing.assert_allclose(guide.covariance(state.params), sigma, atol=1e-6)
+    # rounding only: a Hessian from 8 draws and one 2x2 solve, each off by a few ulps, amplified
+    # at most by the condition number of sigma (3); a step that is not exact is off by O(1e-2)
+    eps = float(np.finfo(np.float32).eps) if jnp.result_type(float) == jnp.float32 else 2e-16
+    tol = 32 * np.linalg.cond(sigma) * eps * np.abs(sigma).max()
+    np.testing.assert_allclose(state.params["loc"], 0.0, atol=tol)
+    np.testing.assert_allclose(guide.covariance(state.params), sigma, atol=tol)
 
 
 def test_whitened_noise_has_exact_moments():
