@@ -159,8 +159,9 @@ def _latent_names(model, args, kwargs):
 
 # -- item 1: Predictive with result.params ------------------------------------------------------
 def test_predictive_with_result_params_draws_from_the_fit_not_the_init(fits):
-    """The SVI habit: AR(1) with rho = 0.66. The fitted rho is near 0.66 and Predictive's draws
-    have the fit's mean and sd; the guide's initial value (the prior median 0) is far away."""
+    """The SVI habit: AR(1) with rho = 0.66. The fitted rho is near 0.66 (measured 0.71 on these
+    200 points) and Predictive's draws have the fit's mean and sd; the guide's initial value
+    (a prior draw, -0.34 here) is far away."""
     fit = fits("meanfield", "ar1", steps=150)
     loc, scale = fit.guide.median(fit.params)["rho"], fit.params["scale"][0]
     assert abs(float(loc) - 0.66) < 0.15
