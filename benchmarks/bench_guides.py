@@ -45,9 +45,8 @@ jax.config.update("jax_enable_x64", True)
 
 from timing import seconds  # noqa: E402
 
-import models  # noqa: E402
 import ngvi.families as fam  # noqa: E402
-from ngvi import NGVI  # noqa: E402
+from ngvi import NGVI, models  # noqa: E402
 from ngvi.guides.fullrank import FullRankGaussian  # noqa: E402
 from ngvi.report.baselines import advi  # noqa: E402
 from ngvi.report.comparison import MethodTrace, _flag_best_advi, summarize  # noqa: E402

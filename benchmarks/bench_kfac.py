@@ -42,7 +42,7 @@ from numpyro.infer.autoguide import AutoDelta, AutoNormal
 from numpyro.infer.initialization import init_to_value
 from timing import interleaved, seconds
 
-import models
+from ngvi import models
 from ngvi.guides.kfac import KFACGuide
 from ngvi.nn import bnn_engine, fit_bnn, minibatches, mlp
 from ngvi.nn.train import _driver, _epoch_fn

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import jax
 
-import models
+from ngvi import models
 from ngvi.report.comparison import compare_vi, format_table
 
 SETTINGS = {  # model: (ngvi steps, advi steps)

@@ -37,8 +37,8 @@ jax.config.update("jax_enable_x64", True)
 
 import numpy as np  # noqa: E402
 
-from models import bayes_gmm  # noqa: E402
 from ngvi import em  # noqa: E402
+from ngvi.models import bayes_gmm  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "svi_scaling.json"
 

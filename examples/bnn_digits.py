@@ -12,8 +12,7 @@ import argparse
 
 import jax
 
-import models
-from ngvi import KFACGuide
+from ngvi import KFACGuide, models
 from ngvi.nn import bnn_engine, fit_bnn
 
 

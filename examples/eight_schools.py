@@ -17,8 +17,8 @@ import arviz as az
 import jax
 import numpy as np
 
-import models
 import ngvi
+from ngvi import models
 from ngvi.report.baselines import nuts
 from ngvi.report.diagnostics import psis_diagnostic, to_inference_data
 from ngvi.report.plots import plot_marginals, plot_pair

@@ -27,8 +27,8 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Ellipse  # noqa: E402
 from scipy.special import logsumexp  # noqa: E402
 
-from models.gaussian_mixture import load_iris_features  # noqa: E402
 from ngvi import em  # noqa: E402
+from ngvi.models.gaussian_mixture import load_iris_features  # noqa: E402
 
 
 def classical_em(X: np.ndarray, init: em.GMMParams, num_iters: int) -> tuple[list, np.ndarray]:

@@ -29,8 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from numpyro.infer.util import log_density  # noqa: E402
 
-import models  # noqa: E402
-from ngvi import NGVI  # noqa: E402
+from ngvi import NGVI, models  # noqa: E402
 from ngvi.families import NormalGamma  # noqa: E402
 from ngvi.guides.expfam import ExpFamilyGuide  # noqa: E402
 from ngvi.guides.expfam_estimators import regression_natural_params  # noqa: E402

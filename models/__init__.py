@@ -1,4 +1,9 @@
-"""Bundled NumPyro models and a loader for model files.
+"""Bundled NumPyro models and a loader for model files, installed as ``ngvi.models``.
+
+The source lives in the repository's ``models/`` folder; ``pyproject.toml`` maps it to the
+package ``ngvi.models`` (never a top-level ``models``, which would shadow a user's own module)
+and registers every model under the ``ngvi.models`` entry points, through which ``ngvi`` finds
+them (``ngvi`` itself never imports this package). Models import each other relatively.
 
 Every model file ``models/<name>.py`` defines
 
@@ -7,7 +12,7 @@ Every model file ``models/<name>.py`` defines
 
 Conjugate / closed-form targets also define ``exact_posterior(*args, **kwargs)`` and
 ``posterior_moments(*args, **kwargs)``.  ``references.json`` (written by
-``python -m models.make_references``) holds NUTS posterior moments.
+``python -m ngvi.models.make_references``) holds NUTS posterior moments.
 
 ``load(spec)`` accepts a bundled name (``"eight_schools"``), a file path
 (``"models/eight_schools.py"``) or ``"path/to/file.py:model_fn_name"`` and returns
@@ -34,6 +39,6 @@ REFERENCES_PATH = _HERE / "references.json"
 
 
 def load_references(path: str | Path | None = None) -> dict:
-    """The NUTS reference moments written by ``python -m models.make_references``."""
+    """The NUTS reference moments written by ``python -m ngvi.models.make_references``."""
     with open(REFERENCES_PATH if path is None else path) as f:
         return json.load(f)

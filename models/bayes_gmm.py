@@ -11,10 +11,12 @@ r"""Bayesian Gaussian mixture with conjugate priors (diagonal precisions), for V
 
 The assignments are marginalised (``MixtureSameFamily``). With
 ``subsample_size=B`` the data plate draws ``B`` of the ``N`` indices and NumPyro scales the
-likelihood by ``N / B``: ``ngvi.em.fit_svi_gmm`` takes its minibatches (and checks that
-scale) from this plate. The prior is a ``ngvi.em.BayesGMMPrior`` (``alpha0, m0, beta0, a0,
-b0``). ``data()`` returns iris (standardized petal length / width, as
-``models.gaussian_mixture``); ``synthetic(n, key)`` draws a large well-separated data set.
+likelihood by ``N / B``: ``ngvi.em.fit_svi_gmm`` scales its minibatch statistics by that
+scale (read from this plate); its minibatches are i.i.d. indices by default, O(B) per step,
+or ``subsample="numpyro"`` draws them with this plate (O(N) per step). The prior is a
+``ngvi.em.BayesGMMPrior`` (``alpha0, m0, beta0, a0, b0``). ``data()`` returns iris
+(standardized petal length / width, as ``ngvi.models.gaussian_mixture``); ``synthetic(n,
+key)`` draws a large well-separated data set.
 Bishop (2006), Sec. 10.2; ``ngvi.em.NormalGamma`` is the conjugate family.
 """
 
@@ -25,8 +27,9 @@ import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
 
-from models.gaussian_mixture import load_iris_features
 from ngvi.em import BayesGMMPrior
+
+from .gaussian_mixture import load_iris_features
 
 K = 3
 PRIOR = BayesGMMPrior(alpha0=1.0, m0=0.0, beta0=1.0, a0=1.0, b0=1.0)

@@ -1,6 +1,6 @@
 """Write ``models/references.json``: NUTS posterior moments for the bundled models.
 
-Run as ``python -m models.make_references [model ...]`` (default: all of ``REFERENCE_MODELS``).
+Run as ``python -m ngvi.models.make_references [model ...]`` (default: all of ``REFERENCE_MODELS``).
 NumPyro NUTS, 4 chains (``chain_method="sequential"``), 1000 warmup + 2000 samples each,
 fixed seed.  For every latent site (constrained space) and deterministic site, the JSON
 holds flattened lists of the posterior mean, sd and Monte Carlo standard error of the
@@ -23,7 +23,7 @@ import numpy as np
 import numpyro
 from numpyro.infer import MCMC, NUTS
 
-from models import BUNDLED, REFERENCES_PATH
+from . import BUNDLED, REFERENCES_PATH
 
 SEED = 0
 NUM_CHAINS = 4

@@ -3,8 +3,8 @@
 Layers, lowest first (each imports only from those before it): ``errors`` and ``numerics``;
 ``families`` (exponential-family math); ``model`` (NumPyro model -> flat target, dense layers);
 ``guides`` and ``em``; ``engine`` (the NGVI driver); ``nn`` (BNN training) and ``report``
-(baselines, comparison, ArviZ, plots); ``cli``. The bundled ``models`` import ngvi, never the
-reverse.
+(baselines, comparison, ArviZ, plots); ``cli``. The bundled models (``ngvi.models``, from the
+repository's ``models/``) import ngvi, never the reverse.
 
 The diagnostics and plotting names (ArviZ, matplotlib: ~2 s to import) load on first use."""
 
@@ -20,6 +20,7 @@ from ngvi.engine import (
     StepContext,
     data_mesh,
     load_checkpoint,
+    natural_gradient,
     save_checkpoint,
     shard_data,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "NGVIInfo",
     "NGVIRunResult",
     "StepContext",
+    "natural_gradient",
     "Guide",
     "MeanFieldGaussian",
     "FullRankGaussian",

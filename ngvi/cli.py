@@ -2,6 +2,11 @@
 
 A model file defines a NumPyro model (``model`` unless ``:name`` says otherwise) and
 ``data() -> (args, kwargs)``; bundled models can be named directly (``ngvi fit eight_schools``).
+``ngvi fit MODEL --guide fullrank --out DIR`` saves the fit: ``DIR/idata.nc`` (ArviZ
+InferenceData: draws, log-likelihood, posterior predictive, ELBO trace, PSIS k-hat),
+``DIR/params.npz`` (the fitted guide parameters, one array per parameter) and
+``DIR/checkpoint.npz`` (the engine state: ``NGVI.run(..., checkpoint=...)`` continues the fit).
+Errors in the model, its data or the options print as one line on stderr (exit status 1).
 """
 
 from __future__ import annotations
@@ -10,19 +15,35 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 
-__all__ = ["main"]
+__all__ = ["GUIDES", "main"]
+
+#: ``--guide`` name -> (label, class name in ``ngvi.guides``): every guide ngvi ships.
+GUIDES = {
+    "meanfield": ("mean-field", "MeanFieldGaussian"),
+    "fullrank": ("full-rank", "FullRankGaussian"),
+    "expfam": ("exponential-family", "ExpFamilyGuide"),
+    "kfac": ("K-FAC", "KFACGuide"),
+    "diagonal": ("diagonal-Fisher", "DiagonalFisherGuide"),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ngvi", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    fit = sub.add_parser("fit", help="fit a model with mean-field NGVI and print the posterior")
+    fit = sub.add_parser("fit", help="fit a model with NGVI, print the posterior, save the fit")
     fit.add_argument("model", help="FILE.py[:model] or a bundled model name")
-    fit.add_argument("--guide", default="meanfield", choices=["meanfield"])
+    fit.add_argument(
+        "--guide",
+        default="meanfield",
+        choices=list(GUIDES),
+        help="meanfield (default), fullrank, expfam (per-site Beta/Gamma/Dirichlet/...), "
+        "kfac or diagonal (BNNs built with ngvi.nn.dense)",
+    )
     fit.add_argument("--steps", type=int, default=1000)
     fit.add_argument(
         "--tol",
@@ -32,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--samples", type=int, default=4000)
+    fit.add_argument(
+        "--out", default=None, help="save idata.nc, params.npz and checkpoint.npz in this folder"
+    )
+    fit.add_argument(
+        "--no-predictive", action="store_true", help="leave posterior_predictive out of idata.nc"
+    )
     fit.add_argument("--no-progress", action="store_true")
     cmp_ = sub.add_parser("compare", help="NGVI against ADVI (steps and seconds to 0.1 nat)")
     cmp_.add_argument("model", help="FILE.py[:model] or a bundled model name")
@@ -54,22 +81,47 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(spec: str):
-    from ngvi.model.loader import ModelLoadError, load
+    from ngvi.model.loader import load
 
+    return load(spec)
+
+
+def _out_dir(out: str | None) -> Path | None:
+    """The output folder, created and checked writable before the fit starts."""
+    from ngvi.errors import ConfigError
+
+    if out is None:
+        return None
+    path = Path(out)
     try:
-        return load(spec)
-    except ModelLoadError as e:
-        raise SystemExit(f"ngvi: {e}") from None
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".ngvi-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--out {out!r} is not a writable folder ({e}).") from None
+    return path
+
+
+def save_params(path: str | Path, params) -> None:
+    """The guide's parameters as ``.npz``, one array per leaf named by its pytree path
+    (``loc``, ``scale``; ``mu.eta0``; ``layers/0/...``)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    arrays = {jax.tree_util.keystr(k, simple=True, separator="/"): np.asarray(v) for k, v in flat}
+    np.savez(path, **arrays)
 
 
 def cmd_fit(ns) -> int:
-    from ngvi.engine import NGVI
-    from ngvi.guides import MeanFieldGaussian
+    import ngvi.guides
+    from ngvi.engine import NGVI, save_checkpoint
 
+    out = _out_dir(ns.out)
     model, args, kwargs = _load(ns.model)
-    guide = MeanFieldGaussian(model)
+    label, cls = GUIDES[ns.guide]
+    guide = getattr(ngvi.guides, cls)(model)
+    engine = NGVI(model, guide)
     t0 = time.perf_counter()
-    res = NGVI(model, guide).run(
+    res = engine.run(
         jax.random.PRNGKey(ns.seed),
         ns.steps,
         *args,
@@ -78,21 +130,51 @@ def cmd_fit(ns) -> int:
         **kwargs,
     )
     secs = time.perf_counter() - t0
-    draws = guide.sample_posterior(
-        jax.random.PRNGKey(ns.seed + 1), res.params, sample_shape=(ns.samples,)
-    )
     print(
-        f"mean-field NGVI: {res.num_steps} steps in {secs:.2f} s (compile included), "
+        f"{label} NGVI: {res.num_steps} steps in {secs:.2f} s (compile included), "
         f"final -ELBO {float(np.mean(res.losses[-20:])):.4f}, "
         f"{res.num_rejected} rejected steps{', converged' if res.converged else ''}"
     )
+    key = jax.random.PRNGKey(ns.seed + 1)
+    if out is None:
+        draws = guide.sample_posterior(key, res.params, *args, sample_shape=(ns.samples,), **kwargs)
+    else:
+        draws = _save_fit(out, ns, engine, res, key, args, kwargs)
+        save_checkpoint(out / "checkpoint.npz", res.state, guide)
+    _print_draws(draws, ns.samples)
+    return 0
+
+
+def _save_fit(out: Path, ns, engine, res, key, args, kwargs) -> dict:
+    """Write ``idata.nc`` and ``params.npz``; print the k-hat and return the posterior draws."""
+    from ngvi.report.diagnostics import to_inference_data
+
+    settings = {"lr": engine.lr, "damping": engine.damping, "num_particles": engine.num_particles}
+    idata = to_inference_data(
+        engine.guide,
+        res.params,
+        *args,
+        num_samples=ns.samples,
+        rng_key=key,
+        losses=res.losses,
+        settings={"guide": ns.guide, "steps": res.num_steps, **settings},
+        posterior_predictive=not ns.no_predictive,
+        **kwargs,
+    )
+    idata.to_netcdf(out / "idata.nc")
+    save_params(out / "params.npz", res.params)
+    print(f"PSIS {idata.posterior.attrs['psis_message']}")
+    print(f"wrote {out / 'idata.nc'}, {out / 'params.npz'} and {out / 'checkpoint.npz'}")
+    return {k: v.values[0] for k, v in idata.posterior.items()}
+
+
+def _print_draws(draws: dict, n: int) -> None:
     print(f"{'site':>16} {'mean':>10} {'sd':>10}")
     for name, v in draws.items():
-        v = np.asarray(v).reshape(ns.samples, -1)
+        v = np.asarray(v).reshape(n, -1)
         for i in range(v.shape[1]):
             label = name if v.shape[1] == 1 else f"{name}[{i}]"
             print(f"{label:>16} {v[:, i].mean():>10.4f} {v[:, i].std():>10.4f}")
-    return 0
 
 
 def cmd_compare(ns) -> int:
@@ -153,8 +235,19 @@ def _num(v) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``ngvi fit|compare``; returns the exit status. An ngvi error (``DataError``,
+    ``ModelError``, ``ConfigError``, ``FitError``, ``CheckpointError``) or a model spec that
+    cannot be loaded prints ``ngvi: error: <message>`` as one line on stderr and returns 1."""
+    from ngvi.errors import NGVIError
+    from ngvi.model.loader import ModelLoadError
+
     ns = _parser().parse_args(argv)
-    return {"fit": cmd_fit, "compare": cmd_compare}[ns.command](ns)
+    try:
+        return {"fit": cmd_fit, "compare": cmd_compare}[ns.command](ns)
+    except (NGVIError, ModelLoadError) as e:
+        message = " ".join(str(e).split())  # one line, however the message was wrapped
+        print(f"ngvi: error: {type(e).__name__}: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -10,8 +10,25 @@ whole suite in float64 (``.ci/run-slow`` does both).
 
 from __future__ import annotations
 
+import importlib.util
+
 import jax
 import pytest
+
+
+def pytest_configure(config):
+    """The tests import the bundled models as ``ngvi.models``, which only an install of this
+    checkout provides (pyproject maps ``models/`` there): say so once instead of an import error
+    in every module."""
+    from ngvi.model.loader import bundled
+
+    stale = [v for v in bundled().values() if not v.startswith("ngvi.models.")]
+    if importlib.util.find_spec("ngvi.models") is None or stale or not bundled():
+        raise pytest.UsageError(
+            "ngvi.models (the repository's models/ folder) is not installed, or ngvi's entry "
+            f"points are from an older install ({stale[:2]}): run `pip install -e . -c "
+            "constraints.txt` from the repository root."
+        )
 
 
 def _x64() -> bool:

@@ -10,8 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-import models
-from ngvi import NGVI, MeanFieldGaussian
+from ngvi import NGVI, MeanFieldGaussian, models
 from ngvi.engine.checkpoint import CheckpointError
 
 
@@ -60,10 +59,22 @@ def test_corrupt_and_mismatched_checkpoints_raise(tmp_path):
         )
 
 
+def test_empty_checkpoint_file_raises_checkpoint_error(tmp_path):
+    """A 0-byte file (a disk that filled up, a crash before the first write) is corrupt, not an
+    EOFError from numpy."""
+    engine, args, kwargs = _engine("normal_normal")
+    path = tmp_path / "fit.npz"
+    path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"unreadable or corrupt \(EOFError"):
+        engine.run(
+            jax.random.PRNGKey(0), 5, *args, progress_bar=False, checkpoint=str(path), **kwargs
+        )
+
+
 CHILD = textwrap.dedent(
     """
     import sys, time, jax, numpy as np
-    import models
+    from ngvi import models
     from ngvi import NGVI, MeanFieldGaussian
     path, out, slow = sys.argv[1], sys.argv[2], sys.argv[3] == "slow"
     model, args, kwargs = models.load("eight_schools")

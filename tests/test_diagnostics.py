@@ -15,8 +15,8 @@ import numpyro  # noqa: E402
 import numpyro.distributions as dist  # noqa: E402
 import pytest  # noqa: E402
 
-import models  # noqa: E402
 import ngvi  # noqa: E402
+from ngvi import models  # noqa: E402
 from ngvi.errors import ConfigError, DataError  # noqa: E402
 from ngvi.report.diagnostics import (  # noqa: E402
     PSISResult,
@@ -62,14 +62,13 @@ def eight_schools_idata():
 
 def test_inference_data_groups_shapes_and_dims(eight_schools_idata):
     idata = eight_schools_idata
-    for group in (
+    assert set(idata.groups()) == {
         "posterior",
-        "sample_stats",
         "log_likelihood",
         "posterior_predictive",
         "observed_data",
-    ):
-        assert group in idata.groups(), group
+        "vi_trace",
+    }
     post = idata.posterior
     assert set(post.data_vars) == {"mu", "tau", "theta_tilde", "theta"}
     assert post["tau"].shape == (1, 200)
@@ -86,10 +85,33 @@ def test_inference_data_groups_shapes_and_dims(eight_schools_idata):
     np.testing.assert_allclose(
         idata.observed_data["y"].values, models.load_module("eight_schools").Y
     )
-    assert idata.sample_stats["elbo"].dims == ("step",)
-    np.testing.assert_allclose(idata.sample_stats["elbo"].values, -np.linspace(40.0, 31.0, 5))
-    assert idata.sample_stats.attrs["lr"] == 1.0
-    assert idata.sample_stats.attrs["method"] == "MeanFieldGaussian"
+    assert idata.vi_trace["elbo"].dims == ("step",)
+    np.testing.assert_allclose(idata.vi_trace["elbo"].values, -np.linspace(40.0, 31.0, 5))
+    assert idata.posterior.attrs["lr"] == 1.0
+    assert idata.posterior.attrs["method"] == "MeanFieldGaussian"
+
+
+def test_arviz_summary_on_every_chain_draw_group_and_plot_trace(eight_schools_idata, tmp_path):
+    """The ELBO trace lives in its own group (dim ``step``), so ArviZ's tools, which read the
+    chain/draw groups, run on every one of them; netCDF keeps every group and attribute."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    idata = eight_schools_idata
+    draw_groups = [g for g in idata.groups() if {"chain", "draw"} <= set(idata[g].dims)]
+    assert set(draw_groups) == {"posterior", "log_likelihood", "posterior_predictive"}
+    with warnings.catch_warnings():  # one chain: ArviZ warns that it cannot compute R-hat
+        warnings.simplefilter("ignore")
+        for group in draw_groups:
+            summary = az.summary(idata, group=group)
+            assert len(summary) > 0 and np.isfinite(summary["mean"]).all(), group
+        axes = az.plot_trace(idata, var_names=["mu", "tau"])
+    assert axes.shape == (2, 2)
+    idata.to_netcdf(tmp_path / "idata.nc")
+    back = az.from_netcdf(tmp_path / "idata.nc")
+    assert set(back.groups()) == set(idata.groups())
+    np.testing.assert_allclose(back.vi_trace["elbo"].values, idata.vi_trace["elbo"].values)
+    assert back.posterior.attrs["psis_khat"] == idata.posterior.attrs["psis_khat"]
 
 
 def test_arviz_summary_and_loo_run(eight_schools_idata):
@@ -110,15 +132,120 @@ def test_inference_data_without_observations():
     assert idata.posterior["v"].shape == (1, 50)
 
 
+@pytest.fixture(scope="module")
+def normal_normal_fit():
+    return _fit("normal_normal", num_steps=20)
+
+
+def test_khat_attached_to_the_posterior_group(normal_normal_fit):
+    """``posterior.attrs`` carry the fit's PSIS k-hat: that of ``psis_diagnostic`` on the same
+    number of draws (key ``fold_in(rng_key, 3)``), with its one-word verdict and message."""
+    guide, res, args, kwargs = normal_normal_fit
+    idata = to_inference_data(guide, res.params, *args, num_samples=400, **kwargs)
+    attrs = idata.posterior.attrs
+    ref = psis_diagnostic(
+        guide, res.params, *args, num_samples=400, rng_key=jax.random.fold_in(KEY, 3), **kwargs
+    )
+    assert attrs["psis_khat"] == ref.khat and attrs["psis_message"] == ref.message
+    assert attrs["psis_verdict"] in ("exact", "good") and attrs["psis_ess"] == ref.ess
+    assert "vi_trace" not in idata.groups()  # no losses given
+    assert (
+        "psis_khat"
+        not in to_inference_data(
+            guide, res.params, *args, num_samples=50, psis=False, **kwargs
+        ).posterior.attrs
+    )
+
+
+def _float_binomial(n, y):
+    """A Binomial whose ``total_count`` is a float array: NumPyro scores it, cannot sample it."""
+    p = numpyro.sample("p", dist.Beta(1.0, 1.0))
+    with numpyro.plate("trial", 3):
+        numpyro.sample("y", dist.Binomial(total_count=n, probs=p), obs=y)
+
+
+def test_posterior_predictive_skipped_with_a_warning_or_on_request():
+    args = (jnp.array([10.0, 20.0, 15.0]), jnp.array([3.0, 8.0, 7.0]))
+    guide = ngvi.MeanFieldGaussian(_float_binomial)
+    params = guide.init_params(guide.setup(KEY, args))
+    with pytest.warns(UserWarning, match=r"leaves out observed site\(s\) \['y'\].*total_count"):
+        idata = to_inference_data(guide, params, *args, num_samples=100)
+    assert "posterior_predictive" not in idata.groups()
+    assert idata.log_likelihood["y"].shape == (1, 100, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # LOO's own k-hat warning at the unfitted guide
+        assert np.isfinite(az.loo(idata)["elpd_loo"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asked for: no warning
+        quiet = to_inference_data(
+            guide, params, *args, num_samples=100, posterior_predictive=False, psis=False
+        )
+    assert "posterior_predictive" not in quiet.groups() and "log_likelihood" in quiet.groups()
+
+
 def test_inference_data_rejects_bad_num_samples():
     guide, params, args, kwargs = _setup_guide("normal_normal")
     with pytest.raises(ConfigError, match="num_samples"):
         to_inference_data(guide, params, *args, num_samples=0, **kwargs)
 
 
+def test_az_compare_ranks_inference_data_of_two_fits(normal_normal_fit):
+    """What ``ngvi.compare`` hands ``az.compare``, on two fits at hand: the fitted guide
+    predicts the data better than the same guide at its initial values."""
+    guide, res, args, kwargs = normal_normal_fit
+    fits = {
+        "fitted": to_inference_data(guide, res.params, *args, num_samples=400, **kwargs),
+        "initial": to_inference_data(
+            guide, guide.init_params(guide.target), *args, num_samples=400, **kwargs
+        ),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ranked = az.compare(fits)
+    assert list(ranked.index) == ["fitted", "initial"]
+    assert ranked.loc["initial", "elpd_diff"] > 0
+
+
+@pytest.fixture(scope="module")
+def compared():
+    model, args, kwargs = models.load("normal_normal")
+    table, extras = ngvi.compare(
+        model,
+        *args,
+        methods=("ngvi", "advi"),
+        ngvi_steps=40,
+        advi_steps=400,
+        advi_lrs=(0.05,),
+        num_draws=500,
+        **kwargs,
+    )
+    return table, extras, kwargs
+
+
+@pytest.mark.slow  # 87 s on the shared 2-core machine (compare_vi's timing runs, BFGS)
+def test_az_compare_on_the_output_of_ngvi_compare(compared):
+    """``ngvi.compare`` hands back each method's InferenceData (the fitted draws, pointwise
+    log-likelihood, k-hat): ``az.compare`` ranks them without refitting."""
+    table, extras, kwargs = compared
+    idatas = extras["idata"]
+    assert set(idatas) == {"ngvi", "advi"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ranked = az.compare(idatas)
+    assert set(ranked.index) == {"ngvi", "advi"} and np.isfinite(ranked["elpd_loo"]).all()
+    rows = table.set_index("method")
+    exact = models.load_module("normal_normal").exact_posterior(**kwargs)["mu"]
+    for m, idata in idatas.items():
+        assert idata.posterior.attrs["method"] == m
+        assert rows.loc[m, "khat"] == idata.posterior.attrs["psis_khat"]
+        assert idata.log_likelihood["y"].shape[:2] == (1, 500)
+    mu = idatas["ngvi"].posterior["mu"].values  # the fitted posterior, not the initial guide
+    assert abs(mu.mean() - exact["loc"]) < 0.2 * exact["scale"]
+
+
 # -- PSIS k-hat ------------------------------------------------------------------------------
-def test_khat_low_for_conjugate_fit():
-    guide, res, args, kwargs = _fit("normal_normal", num_steps=20)
+def test_khat_low_for_conjugate_fit(normal_normal_fit):
+    guide, res, args, kwargs = normal_normal_fit
     out = psis_diagnostic(
         guide, res.params, *args, num_samples=2000, corrected_means=True, **kwargs
     )

@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 from scipy.special import digamma as np_digamma  # noqa: E402
 from scipy.special import logsumexp as np_logsumexp  # noqa: E402
 
-from models import bayes_gmm, bernoulli_mixture, gaussian_mixture  # noqa: E402
+import ngvi  # noqa: E402
 from ngvi import em  # noqa: E402
 from ngvi.families import (  # noqa: E402
     Bernoulli,
@@ -26,6 +26,7 @@ from ngvi.families import (  # noqa: E402
     Gamma,
     Poisson,
 )
+from ngvi.models import bayes_gmm, bernoulli_mixture, gaussian_mixture  # noqa: E402
 
 pytestmark = pytest.mark.x64  # float64 in this module only (tests/conftest.py)
 
@@ -386,7 +387,7 @@ SVI_TOL = 0.05  # max |E[mu] - E_VB[mu]| and |E[pi] - E_VB[pi]| (component sds a
 def test_svi_reaches_full_batch_vb_solution(synthetic):
     X, init, cavi = synthetic
     vb = jax.tree_util.tree_map(lambda v: v[-1], cavi.params)
-    # minibatches from the model's numpyro.plate("data", N, subsample_size=B), scale N / B
+    # i.i.d. uniform minibatches (the default), statistics scaled by the plate's N / B
     res = em.fit_svi_gmm(X, 3, 300, B_SVI, init=init, prior=bayes_gmm.PRIOR)
     assert res.plate_scale == pytest.approx(N_SVI / B_SVI)
     np.testing.assert_allclose(res.step_sizes[:3], (np.arange(3) + 1.0) ** -0.7)
@@ -394,3 +395,201 @@ def test_svi_reaches_full_batch_vb_solution(synthetic):
     start = jax.tree_util.tree_map(lambda v: v[0], res.params)
     assert em.vb_distance(vb, start) > 4 * SVI_TOL
     assert em.vb_distance(vb, last) < SVI_TOL
+
+
+# ---------------------------------------------------------------- checks, tol, restarts
+
+
+def _small(n=6, seed=0):
+    return np.random.RandomState(seed).randn(n, 2)
+
+
+FITS = {
+    "fit_gmm": lambda X, K, **kw: em.fit_gmm(X, K, 5, **kw),
+    "fit_bernoulli_mixture": lambda X, K, **kw: em.fit_bernoulli_mixture(
+        (np.asarray(X) > 0).astype(float) if np.isfinite(X).all() else X, K, 5, **kw
+    ),
+    "fit_cavi_gmm": lambda X, K, **kw: em.fit_cavi_gmm(X, K, 5, **kw),
+    "fit_svi_gmm": lambda X, K, **kw: em.fit_svi_gmm(X, K, 5, 2, **kw),
+}
+
+
+@pytest.mark.parametrize("fit", FITS.values(), ids=FITS.keys())
+def test_every_fit_checks_its_input_first(fit):
+    X = _small()
+    X[[2, 5], 1] = [np.nan, np.inf]
+    with pytest.raises(ngvi.DataError, match=r"NaN or inf in 2 of its 6 rows, rows \[2, 5\]"):
+        fit(X, 2)
+    with pytest.raises(ngvi.DataError, match=r"2-D array .* got shape \(6,\)"):
+        fit(_small()[:, 0], 2)
+    with pytest.raises(ngvi.ConfigError, match=r"K=7 components but X has only 6 rows.*K <= 6"):
+        fit(_small(), 7)
+    with pytest.raises(ngvi.ConfigError, match="K must be an integer >= 1, got 0"):
+        fit(_small(), 0)
+    with pytest.raises(ngvi.ConfigError, match=r"tol must be a positive finite number, got -1"):
+        fit(_small(), 2, tol=-1.0)
+    with pytest.raises(ngvi.ConfigError, match="num_restarts must be an integer >= 1, got 0"):
+        fit(_small(), 2, num_restarts=0)
+
+
+def test_init_that_contradicts_k_is_named():
+    X = _small()
+    gmm2 = em.init_gmm(X, 2)
+    with pytest.raises(ngvi.ConfigError, match=r"init GMMParams.weights has shape \(2,\), but K=3"):
+        em.fit_gmm(X, 3, 5, init=gmm2)
+    bad = gmm2._replace(weights=jnp.array([0.9, 0.3]))
+    with pytest.raises(ngvi.ConfigError, match="weights must be positive and sum to 1"):
+        em.fit_gmm(X, 2, 5, init=bad)
+    vb2 = em.init_bayes_gmm(X, 2)
+    for fit in (em.fit_cavi_gmm, lambda *a, **k: em.fit_svi_gmm(*a, batch_size=3, **k)):
+        with pytest.raises(ngvi.ConfigError, match=r"init VBState.eta_pi\[0\] has shape \(2,\)"):
+            fit(X, 3, 5, init=vb2)
+    bmm = em.BernoulliMixtureParams(jnp.full(2, 0.5), jnp.full((3, 2), 0.5))
+    with pytest.raises(ngvi.ConfigError, match=r"probs has shape \(3, 2\).*need \(2, 2\)"):
+        em.fit_bernoulli_mixture((X > 0).astype(float), 2, 5, init=bmm)
+    with pytest.raises(ngvi.ConfigError, match="num_restarts=3 with an explicit init"):
+        em.fit_gmm(X, 2, 5, init=gmm2, num_restarts=3)
+
+
+def test_step_sizes_and_options_are_checked():
+    fam = Bernoulli()
+    for lr in (0.0, -0.5, float("nan")):
+        with pytest.raises(ngvi.ConfigError, match=r"lr must be a positive finite number"):
+            em.natural_step(fam, (A(0.0),), (A(0.8),), lr)
+        with pytest.raises(ngvi.ConfigError, match=r"lr must be a positive finite number"):
+            em.reverse_natural_step((A(0.0),), (A(1.0),), lr)
+    X = _small(20)
+    with pytest.raises(ngvi.ConfigError, match=r"batch_size=21 exceeds the 20 rows"):
+        em.fit_svi_gmm(X, 2, 5, 21)
+    with pytest.raises(ngvi.ConfigError, match=r"kappa must be in \(0.5, 1\].*got 0.3"):
+        em.fit_svi_gmm(X, 2, 5, 4, kappa=0.3)
+    with pytest.raises(ngvi.ConfigError, match="tau must be a positive finite number, got 0"):
+        em.fit_svi_gmm(X, 2, 5, 4, tau=0.0)
+    with pytest.raises(ngvi.ConfigError, match=r"subsample must be one of .* got 'plate'"):
+        em.fit_svi_gmm(X, 2, 5, 4, subsample="plate")
+    with pytest.raises(ngvi.ConfigError, match="prior.beta0 must be a positive"):
+        em.fit_cavi_gmm(X, 2, 5, prior=em.BayesGMMPrior(beta0=0.0))
+    with pytest.raises(ngvi.ConfigError, match=r"beta_prior .* >= 1 .* got \(0.5, 1.0\)"):
+        em.fit_bernoulli_mixture((X > 0).astype(float), 2, 5, beta_prior=(0.5, 1.0))
+    Xb = (X > 0).astype(float)
+    Xb[3, 1] = 0.5
+    with pytest.raises(ngvi.DataError, match=r"X in \{0, 1\}, but rows \[3\].*row 3 has 0.5"):
+        em.fit_bernoulli_mixture(Xb, 2, 5)
+
+
+def test_tol_stops_em_early_and_reports_it():
+    X = np.asarray(gaussian_mixture.load_iris_features(), dtype=np.float64)
+    init = em.init_gmm(X, 3, jax.random.PRNGKey(1))
+    res = em.fit_gmm(X, 3, 300, init=init, tol=1e-6)
+    n = res.num_iters
+    assert res.converged and 2 <= n < 300
+    assert res.params.means.shape[0] == res.log_likelihood.shape[0] == n + 1
+    assert res.responsibilities.shape[0] == n
+    changes = np.abs(np.diff(np.asarray(res.log_likelihood)))
+    assert changes[-1] < 1e-6 and np.all(changes[:-1] >= 1e-6)  # stopped at the first
+    # the stopped run is a prefix of the run without tol, which runs every iteration
+    full = em.fit_gmm(X, 3, 300, init=init)
+    assert full.num_iters == 300 and full.params.means.shape[0] == 301
+    np.testing.assert_array_equal(full.params.means[: n + 1], res.params.means)
+    np.testing.assert_array_equal(full.log_likelihood[: n + 1], res.log_likelihood)
+
+
+def test_tol_stops_cavi_and_svi(synthetic):
+    X, init, _ = synthetic
+    cavi = em.fit_cavi_gmm(X, 3, 40, init=init, prior=bayes_gmm.PRIOR, tol=1e-3)
+    assert cavi.converged and cavi.num_iters < 40
+    assert cavi.elbo.shape == (cavi.num_iters,) and abs(cavi.elbo[-1] - cavi.elbo[-2]) < 1e-3
+    assert cavi.params.loc.shape[0] == cavi.num_iters + 1
+    svi = em.fit_svi_gmm(X, 3, 300, B_SVI, init=init, prior=bayes_gmm.PRIOR, tol=1e-2)
+    assert svi.converged and svi.num_iters < 300
+    assert svi.step_sizes.shape == (svi.num_iters,) and svi.params.loc.shape[0] == svi.num_iters + 1
+    moved = np.abs(np.asarray(svi.params.loc[-1] - svi.params.loc[-2])).max()
+    assert moved < 1e-2
+
+
+def test_restarts_keep_the_best_final_objective(synthetic):
+    X, _, _ = synthetic
+    key = jax.random.PRNGKey(2)  # k-means++ with this key stalls in a worse local optimum
+    single = em.fit_cavi_gmm(X, 3, 40, prior=bayes_gmm.PRIOR, key=key)
+    best = em.fit_cavi_gmm(X, 3, 40, prior=bayes_gmm.PRIOR, key=key, num_restarts=3)
+    scores = np.asarray(best.restart_objectives)
+    assert scores.shape == (3,) and single.restart_objectives is None
+    assert scores[0] == pytest.approx(float(single.elbo[-1]), rel=1e-12)  # restart 0 = the fit
+    assert float(best.elbo[-1]) == scores.max() > float(single.elbo[-1]) + 1.0
+    svi = em.fit_svi_gmm(X, 3, 300, B_SVI, prior=bayes_gmm.PRIOR, key=key, num_restarts=2)
+    assert svi.elbo == np.max(svi.restart_objectives) and svi.restart_objectives.shape == (2,)
+    iris = np.asarray(gaussian_mixture.load_iris_features(), dtype=np.float64)
+    gmm = em.fit_gmm(iris, 3, 300, key=key, num_restarts=3)
+    assert gmm.restart_objectives.shape == (3,)
+    assert float(gmm.objective[-1]) == np.max(gmm.restart_objectives)
+
+
+def test_svi_minibatch_scale_and_full_batch():
+    """With every row equal, any minibatch has the full data's statistics once scaled by N / B,
+    so the first SVI step (rho_0 = 1) is the CAVI step for every B and sampler; a wrong scale
+    (1, or N) would not be. ``batch_size=len(X)`` is the full batch (NumPyro's plate scale is
+    then None, i.e. 1)."""
+    same = np.tile([[0.5, -1.0]], (40, 1))
+    prior = bayes_gmm.PRIOR
+    init = em.init_bayes_gmm([[0.5, -1.0], [1.5, 0.0]], 2, prior, scale=20.0)
+    cavi = em.fit_cavi_gmm(same, 2, 1, init=init, prior=prior)
+    for batch, sampler in ((40, "uniform"), (1, "uniform"), (8, "numpyro")):
+        svi = em.fit_svi_gmm(same, 2, 1, batch, init=init, prior=prior, subsample=sampler)
+        assert svi.plate_scale == pytest.approx(40 / batch) and svi.num_iters == 1
+        for got, want in zip(svi.params, cavi.params):
+            np.testing.assert_allclose(got[1], want[1], rtol=1e-10)
+
+
+def _shapes_in_loop(jaxpr) -> set:
+    """Every intermediate shape inside the scan body of ``jaxpr`` (sub-jaxprs included)."""
+    out = set()
+
+    def walk(jx, inside):
+        for eqn in jx.eqns:
+            if inside:
+                out.update(tuple(v.aval.shape) for v in eqn.outvars)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub, inside or eqn.primitive.name == "scan")
+
+    walk(jaxpr.jaxpr, False)
+    return out
+
+
+def test_svi_default_minibatch_is_o_batch_not_o_n():
+    """No array of the data's length N inside the SVI loop with the default sampler (NumPyro's
+    plate shuffles an ``arange(N)`` each step)."""
+    from ngvi.em.vb import _svi_loop
+
+    n, b = 9973, 16  # a prime N, so no other shape matches it by chance
+    X = jnp.asarray(np.random.RandomState(0).randn(n, 2))
+    init = em.init_bayes_gmm(X[:100], 2)
+    args = (X, init, jax.random.PRNGKey(0), n / b, 1.0, 0.7, -1.0, False, bayes_gmm.PRIOR)
+
+    def shapes(sampler):
+        fn = lambda *a: _svi_loop.__wrapped__(*a, sampler, b, 3)
+        return _shapes_in_loop(jax.make_jaxpr(fn)(*args))
+
+    assert not any(n in s for s in shapes("uniform"))
+    assert any(n in s for s in shapes("numpyro"))  # the check would see an O(N) draw
+
+
+def test_discrete_site_error_says_what_to_call():
+    import numpyro
+    import numpyro.distributions as dist
+
+    X = np.asarray(gaussian_mixture.load_iris_features(), dtype=np.float64)
+
+    def mixture(X):
+        locs = numpyro.sample("locs", dist.Normal(0, 3).expand([3, 2]).to_event(2))
+        with numpyro.plate("data", X.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(jnp.ones(3) / 3))
+            numpyro.sample("x", dist.Normal(locs[z], 1.0).to_event(1), obs=X)
+
+    guide = ngvi.MeanFieldGaussian(mixture)
+    with pytest.raises(ngvi.ModelError, match=r"ngvi.em.fit_gmm\(X, K, num_iters\)") as err:
+        ngvi.NGVI(mixture, guide).init(jax.random.PRNGKey(0), X)
+    assert "MixtureSameFamily" in str(err.value) and "fit_cavi_gmm(X, K, num_iters)" in str(
+        err.value
+    )
+    res = em.fit_gmm(X, 3, 300)  # the call the message names runs as written
+    assert res.log_likelihood[-1] > res.log_likelihood[0]

@@ -15,9 +15,12 @@ from numpy.polynomial.hermite_e import hermegauss  # noqa: E402
 from numpyro.distributions.transforms import biject_to  # noqa: E402
 from numpyro.infer import Predictive, init_to_uniform  # noqa: E402
 
-import models  # noqa: E402
 import ngvi.families as fam  # noqa: E402
-from ngvi import NGVI, ConfigError  # noqa: E402
+from ngvi import (  # noqa: E402
+    NGVI,
+    ConfigError,
+    models,  # noqa: E402
+)
 from ngvi.engine.infer import StepContext  # noqa: E402
 from ngvi.guides.expfam import ExpFamilyGuide  # noqa: E402
 from ngvi.report.baselines import advi  # noqa: E402

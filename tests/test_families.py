@@ -465,7 +465,7 @@ def test_normal_gamma_one_unit_step_lands_on_the_exact_posterior():
     (1e-6 relative, float64); the mean-field CAVI fixed point (models.normal_gamma) is not."""
     from numpyro.infer.util import log_density
 
-    import models
+    from ngvi import models
     from ngvi.guides.expfam_estimators import regression_natural_params
 
     model, args, kwargs = models.load("normal_gamma")

@@ -11,8 +11,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from numpyro.infer import Predictive  # noqa: E402
 
-import models  # noqa: E402
-from ngvi import NGVI, ConfigError  # noqa: E402
+from ngvi import (  # noqa: E402
+    NGVI,
+    ConfigError,
+    models,  # noqa: E402
+)
 from ngvi.families import FullRankGaussian as FullRankFamily  # noqa: E402
 from ngvi.guides.fullrank import (  # noqa: E402
     FullRankGaussian,

@@ -9,9 +9,8 @@ import numpyro.distributions as dist
 import pytest
 from numpyro.infer import Predictive
 
-import models
 import ngvi
-from ngvi import NGVI, ConfigError, DataError, MeanFieldGaussian, ModelError
+from ngvi import NGVI, ConfigError, DataError, MeanFieldGaussian, ModelError, models
 from ngvi.report.scoring import make_elbo_scorer, meanfield_optimum
 
 jax.config.update("jax_enable_x64", True)

@@ -13,8 +13,8 @@ from numpyro.infer import SVI, Predictive, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
 from numpyro.infer.initialization import init_to_value
 
-import models
 import ngvi
+from ngvi import models
 from ngvi.engine.infer import StepContext
 from ngvi.guides.curvature import (
     kfac_precondition,

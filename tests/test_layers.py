@@ -61,11 +61,16 @@ def _imports_in(text: str, package: str) -> list[tuple[int, str]]:
                 mod = node.module
             out.append((node.lineno, mod))
             if mod == "ngvi":  # ``from ngvi import em`` imports the unit ``ngvi.em``
-                units = [a.name for a in node.names if a.name in RANK]
-                out += [(node.lineno, f"ngvi.{u}") for u in units]
-                if len(units) < len(node.names):  # a name of the package itself (ngvi.NGVI)
+                subs = [a.name for a in node.names if a.name in RANK or a.name == "models"]
+                out += [(node.lineno, f"ngvi.{u}") for u in subs]
+                if len(subs) < len(node.names):  # a name of the package itself (ngvi.NGVI)
                     out.append((node.lineno, "ngvi.__init__"))
     return out
+
+
+def _bundled(mod: str) -> bool:
+    """The bundled models, under their installed name ``ngvi.models`` or the folder's ``models``."""
+    return mod.split(".")[0] == "models" or mod == "ngvi.models" or mod.startswith("ngvi.models.")
 
 
 FILES = sorted(ROOT.rglob("*.py"))
@@ -81,7 +86,7 @@ def test_imports_run_downward(path):
     here = _unit(_module_name(path))
     bad = []
     for line, mod in _imports(path):
-        if mod.split(".")[0] == "models":
+        if _bundled(mod):
             bad.append(f"line {line}: imports the bundled models ({mod})")
         if mod.split(".")[0] != "ngvi" or mod == "ngvi":  # the bare package: its units follow
             continue
@@ -101,6 +106,13 @@ def test_the_rule_sees_function_level_and_relative_imports():
         "ngvi.engine.infer",
     ]
     assert RANK[_unit("ngvi.engine.infer")] > RANK[_unit("ngvi.guides.base")]
+
+
+def test_the_rule_sees_the_bundled_models_under_every_name():
+    text = "import models\nfrom ngvi import models, em\nfrom ngvi.models.funnel import model\n"
+    mods = [m for _, m in _imports_in(text, "ngvi.cli")]
+    assert sorted(m for m in mods if _bundled(m)) == ["models", "ngvi.models", "ngvi.models.funnel"]
+    assert "ngvi.__init__" not in mods  # ``models`` and ``em`` are units, not package names
 
 
 @pytest.mark.parametrize("folder", sorted(p.parent for p in ROOT.glob("*/__init__.py")))

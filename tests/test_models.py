@@ -14,8 +14,8 @@ from numpyro.distributions.transforms import biject_to
 from numpyro.handlers import seed, substitute, trace
 from numpyro.infer.util import log_density
 
-import models
-from models import BUNDLED, CONJUGATE, ModelLoadError, load, load_module, load_references
+from ngvi import models
+from ngvi.models import BUNDLED, CONJUGATE, ModelLoadError, load, load_module, load_references
 
 # expected latent (non-observed sample) sites and their shapes, with the data from data()
 EXPECTED_LATENT = {
@@ -113,6 +113,9 @@ def _latent(tr):
 def test_registry_covers_all_model_files():
     files = {p.stem for p in models._HERE.glob("*.py")} - {"__init__", "make_references"}
     assert set(BUNDLED) == files == set(EXPECTED_LATENT)
+    # installed under ngvi's namespace, never as a top-level ``models`` (issue 18, item 7)
+    assert BUNDLED == {name: f"ngvi.models.{name}" for name in files}
+    assert models.__name__ == "ngvi.models" and models._HERE.name == "models"
 
 
 @pytest.mark.parametrize("name", sorted(BUNDLED))
@@ -157,7 +160,7 @@ def test_logistic_regression_data_and_subsampling():
 
 
 def test_hierarchical_linear_data_is_deterministic():
-    hl = importlib.import_module("models.hierarchical_linear")
+    hl = importlib.import_module("ngvi.models.hierarchical_linear")
     (x, group), kwargs = hl.data()
     assert x.shape == group.shape == kwargs["y"].shape == (500,)
     assert np.bincount(np.asarray(group)).tolist() == [10] * 50
@@ -169,7 +172,7 @@ def test_hierarchical_linear_data_is_deterministic():
 
 
 def test_gaussian_mixture_marginal_likelihood_matches_components():
-    gm = importlib.import_module("models.gaussian_mixture")
+    gm = importlib.import_module("ngvi.models.gaussian_mixture")
     _, kwargs = gm.data()
     X = kwargs["X"]
     assert X.shape == (150, 2)
@@ -194,11 +197,11 @@ def test_gaussian_mixture_marginal_likelihood_matches_components():
 
 
 def test_funnel_and_correlated_gaussian_options():
-    f = importlib.import_module("models.funnel")
+    f = importlib.import_module("ngvi.models.funnel")
     assert f.data() == ((), {})
     assert _latent(_trace(f.model, (), {"dim": 3})) == {"v": (), "x": (3,)}
     np.testing.assert_allclose(f.posterior_moments()["x"]["sd"], np.exp(2.25))
-    cg = importlib.import_module("models.correlated_gaussian")
+    cg = importlib.import_module("ngvi.models.correlated_gaussian")
     assert cg.data() == ((), {})
     np.testing.assert_allclose(cg.covariance(), [[2.0, 1.0], [1.0, 2.0]])
     tr = _trace(
@@ -219,7 +222,7 @@ def test_funnel_and_correlated_gaussian_options():
 def test_load_spellings(spec, monkeypatch):
     monkeypatch.chdir(models._HERE.parent)
     model_fn, args, kwargs = load(spec)
-    es = importlib.import_module("models.eight_schools")
+    es = importlib.import_module("ngvi.models.eight_schools")
     assert model_fn is es.model
     assert len(args) == 1 and args[0].shape == (8,) and set(kwargs) == {"y"}
 
@@ -247,7 +250,9 @@ def test_load_absolute_path_and_named_function(tmp_path):
     # the default function name is "model", which this file lacks
     with pytest.raises(ModelLoadError, match=r"user_model\.py.*'model'"):
         load(str(path))
-    assert load_module(str(models._HERE / "funnel.py")) is importlib.import_module("models.funnel")
+    assert load_module(str(models._HERE / "funnel.py")) is importlib.import_module(
+        "ngvi.models.funnel"
+    )
 
 
 def test_load_missing_data_and_unknown(tmp_path):
@@ -287,7 +292,7 @@ def test_exact_posteriors_match_numpyro_moments():
             np.testing.assert_allclose(moments[site]["mean"], d.mean, rtol=1e-5)
             np.testing.assert_allclose(moments[site]["sd"], jnp.sqrt(d.variance), rtol=1e-5)
     # a concrete check of the Beta-Bernoulli update: 14 ones in 20 draws
-    bb = importlib.import_module("models.beta_bernoulli")
+    bb = importlib.import_module("ngvi.models.beta_bernoulli")
     assert bb.exact_posterior(**bb.data()[1]) == {
         "p": {"concentration1": 16.0, "concentration0": 8.0}
     }

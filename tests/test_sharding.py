@@ -117,10 +117,10 @@ PROBLEM = textwrap.dedent(
     X = rng.normal(size=(N, P)).astype(np.float32)
     y = (rng.random(N) < 1 / (1 + np.exp(-X @ np.array([1.0, -1.0, 0.5, 0.0])))).astype("f4")
 
-    def fit(X, y, steps, batch):
+    def fit(X, y, steps, batch, seed=0):
         init = init_to_value(values={"w": jnp.zeros(P)})
         guide = ngvi.MeanFieldGaussian(model, init_strategy=init)
-        r = ngvi.NGVI(model, guide).run(jax.random.PRNGKey(0), steps, X, y=y, batch=batch,
+        r = ngvi.NGVI(model, guide).run(jax.random.PRNGKey(seed), steps, X, y=y, batch=batch,
                                         progress_bar=False, chunk_size=steps)
         return {k: np.asarray(v).tolist() for k, v in r.params.items()}, r.num_rejected
     """
@@ -179,14 +179,35 @@ def _sharded_vs_one_device(tmp_path, steps: int, batch) -> dict:
     exec(PROBLEM, ns)  # the same model, data and settings, here
     assert len(jax.devices()) == 1
     one = ns["fit"](ns["X"], ns["y"], steps, batch)
+    other_seed = ns["fit"](ns["X"], ns["y"], steps, batch, seed=1)[0]
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-3000:]
     out = json.loads(stdout.strip().splitlines()[-1])
     out["one"], out["one_rejected"] = one
+    out["other_seed"] = other_seed
     return out
 
 
-def _check_sharded_run(out: dict, rtol: float, atol: float) -> None:
+def _sd_distance(p: dict, q: dict) -> float:
+    """Largest distance between two mean-field fits in units of the posterior sd:
+    ``max_i max(|loc_p - loc_q| / scale_q, |log scale_p - log scale_q|)``."""
+    loc = np.abs(np.subtract(p["loc"], q["loc"])) / np.asarray(q["scale"])
+    scale = np.abs(np.log(p["scale"]) - np.log(np.asarray(q["scale"])))
+    return float(max(loc.max(), scale.max()))
+
+
+def _check_sharded_run(out: dict) -> None:
+    """The sharded fit equals the one-device fit up to rounding carried through the fit.
+
+    Error model: the two runs differ only in the order in which per-row terms are summed (a
+    relative rounding of ~sqrt(N) * eps per sum), but the fit is adaptive: each accept test,
+    damping update and Stein precision estimate feeds the next step, so rounding can be
+    amplified (measured: 8e-5 relative after 30 steps on an AVX-512 Xeon, 0 on others), and a
+    flipped accept decision would move the path by up to one step. What cannot differ is the
+    posterior the fit lands on, at the scale of its own Monte Carlo noise: the distance between
+    the two fits, in posterior sd, must be below a tenth of the distance between two seeds of the
+    same one-device fit. A real sharding bug (a device's rows dropped or counted twice, a missing
+    all-reduce, a wrong N/m scale) moves the posterior by O(1) sd."""
     assert out["devices"] == 4
     assert out["shard_devices"] == [4, 4] and out["shard_shapes"] == [[1000, 4]]
     # the sharded run's compiled chunk keeps 1000 rows per device (no gather of the data to one
@@ -195,24 +216,24 @@ def _check_sharded_run(out: dict, rtol: float, atol: float) -> None:
     assert scans, out["hlo"]
     for h in scans:
         assert h["rows_per_device"] and h["all_reduce"] >= 1 and h["all_gather"] == 0, h
-    assert out["one_rejected"] == out["four_rejected"]
-    for k in ("loc", "scale"):
-        np.testing.assert_allclose(out["four"][k], out["one"][k], rtol=rtol, atol=atol)
+    assert abs(out["one_rejected"] - out["four_rejected"]) <= 1
+    _assert_same_posterior(out["four"], out["one"], out["other_seed"])
+
+
+def _assert_same_posterior(fit: dict, ref: dict, ref_other_seed: dict) -> None:
+    """``fit`` is within a tenth of the seed-to-seed distance of ``ref`` (in posterior sd)."""
+    noise = _sd_distance(ref_other_seed, ref)
+    assert noise > 1e-3, noise  # the seed moves the fit: the band below is not vacuous
+    assert _sd_distance(fit, ref) < 0.1 * noise, (fit, ref, noise)
 
 
 def test_sharded_fit_matches_one_device(tmp_path):
     """4-device mesh (subprocess) vs one device (this process), same seed, full-data logistic
-    regression on 4000 rows.
-
-    Tolerance rtol=1e-5, atol=1e-6 (float32): the only difference is the order in which the
-    4000 per-row terms are summed (per device, then across devices), a relative rounding of
-    about sqrt(4000) * 6e-8 = 4e-6 per sum at worst, carried but not amplified by the steps,
-    which contract towards the optimum; atol covers the scales (~0.04). Observed: identical
-    after 30 steps, at most 5e-7 apart after 300 (the slow test below)."""
+    regression on 4000 rows; the tolerance's error model is in ``_check_sharded_run``."""
     out = _sharded_vs_one_device(tmp_path, 30, None)
     assert "length 3999" in out["error"]  # X[:-1]: the argument, its length, the devices
     assert "4 devices" in out["error"] and "argument 0" in out["error"]
-    _check_sharded_run(out, rtol=1e-5, atol=1e-6)
+    _check_sharded_run(out)
 
 
 @pytest.mark.slow  # ~30 s on a busy 2-core machine: a longer fit and a subsampled plate
@@ -220,7 +241,7 @@ def test_sharded_fit_matches_one_device(tmp_path):
 def test_sharded_fit_matches_one_device_long_and_subsampled(tmp_path, batch):
     """Same check over 300 steps, and with ``numpyro.plate(..., subsample_size=400)`` on the
     sharded rows (the subsample indices are drawn from the same key on every device)."""
-    _check_sharded_run(_sharded_vs_one_device(tmp_path, 300, batch), rtol=1e-5, atol=1e-6)
+    _check_sharded_run(_sharded_vs_one_device(tmp_path, 300, batch))
 
 
 # -- several processes (hosts), JAX's own multi-process runtime ---------------------------------
@@ -265,6 +286,9 @@ HOSTS_CHILD = textwrap.dedent(
     ref = ngvi.NGVI(model, guide).run(jax.random.PRNGKey(0), 30, X, y=y, progress_bar=False,
                                       chunk_size=30)  # this process alone, unsharded
     out["ref"] = {k: np.asarray(v).tolist() for k, v in ref.params.items()}
+    seed1 = ngvi.NGVI(model, guide).run(jax.random.PRNGKey(1), 30, X, y=y, progress_bar=False,
+                                        chunk_size=30)
+    out["ref_seed1"] = {k: np.asarray(v).tolist() for k, v in seed1.params.items()}
     print(json.dumps(out))
     """
 )
@@ -276,7 +300,7 @@ def test_two_processes_with_jax_distributed_match_one_device(tmp_path):
     ``jax.distributed.initialize`` (CPU collectives over gloo), a global mesh over both, each
     process holding its 2000 rows (``jax.make_array_from_process_local_data``). The data checks
     run on the devices (a bad label held by process 1 is reported by both) and the fit equals
-    the one-process, one-device fit (tolerance as in the 4-device test)."""
+    the one-process, one-device fit (error model as in ``_check_sharded_run``)."""
     import socket
 
     with socket.socket() as s:
@@ -305,6 +329,5 @@ def test_two_processes_with_jax_distributed_match_one_device(tmp_path):
     for out in outs:
         assert out["global_devices"] == 2 and out["local"] == [2000, 4]
         assert "observed site 'y' has value 2.0 at index (3000,)" in out["error"]
-        for k in ("loc", "scale"):
-            np.testing.assert_allclose(out["params"][k], out["ref"][k], rtol=1e-5, atol=1e-6)
+        _assert_same_posterior(out["params"], out["ref"], out["ref_seed1"])
     assert outs[0]["params"] == outs[1]["params"]  # one global fit, not two local ones

@@ -68,6 +68,60 @@ def test_data_with_extra_leading_dims_is_allowed():
     assert target.dim == 1
 
 
+def _scaled_normal(sigma, y):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    with numpyro.plate("n", y.shape[0]):
+        numpyro.sample("y", dist.Normal(mu, sigma), obs=y)
+
+
+@pytest.mark.parametrize(
+    "sigma,match",
+    [
+        (0.0, r"site 'y': its Normal distribution got scale = 0\.0, outside .*Positive"),
+        (jnp.array([1.0, -2.0, 1.0]), r"site 'y': .* scale = -2\.0 at index \(1,\), outside"),
+    ],
+)
+def test_invalid_distribution_parameter_names_site_value_and_fix(sigma, match):
+    """NumPyro's own message ("Normal distribution got invalid scale parameter") names neither
+    the site nor the value; ngvi's names both and the fix."""
+    with pytest.raises(ModelError, match=match) as err:
+        MeanFieldGaussian(_scaled_normal).setup(KEY, (sigma, jnp.ones(3)))
+    assert "softplus" in str(err.value)
+
+
+def test_invalid_parameter_in_a_bnn_model_names_the_site():
+    """KFACGuide lays the model out with one compiled trace (``fast_target``): same message."""
+    from ngvi.nn import dense
+
+    def bnn(X, y):
+        h = dense("l0", X, 2)
+        with numpyro.plate("data", X.shape[0]):
+            numpyro.sample("y", dist.Normal(h[:, 0], 0.0), obs=y)
+
+    with pytest.raises(ModelError, match=r"site 'y': its Normal distribution got scale = 0\.0 at"):
+        KFACGuide(bnn).setup(KEY, (jnp.ones((4, 3)), jnp.zeros(4)))
+
+
+def test_data_plate_with_given_rows_and_no_size_scales_by_n_over_b():
+    """``data_plate(N, None, idx)`` is a plate over the rows of ``idx`` scaled by N / len(idx),
+    as NumPyro's trace shows it; a size that contradicts ``idx`` is an error."""
+    from ngvi.nn import data_plate
+
+    y = jnp.arange(10.0)
+
+    def model(batch_idx, size=None):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with data_plate(10, size, batch_idx):
+            numpyro.sample("y", dist.Normal(mu, 1.0), obs=y[batch_idx])
+
+    idx = jnp.array([1, 4, 7, 8])
+    tr = numpyro.handlers.trace(numpyro.handlers.seed(model, 0)).get_trace(idx)
+    assert tr["data"]["args"][0] == 4 and tr["y"]["scale"] == pytest.approx(10 / 4)
+    assert tr["y"]["fn"].batch_shape == (4,)
+    with pytest.raises(ConfigError, match=r"size=3 but batch_idx holds 4 rows"):
+        numpyro.handlers.seed(model, 0)(idx, size=3)
+
+
 # -- guide options -------------------------------------------------------------------------------
 def two_sites():
     numpyro.sample("a", dist.Normal(0.0, 1.0))
@@ -227,3 +281,57 @@ def test_ctrl_c_returns_the_partial_fit_and_same_seed_is_bit_identical():
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(part.params))
     rest = engine.run(None, 20, y, init_state=part.state, progress_bar=False, chunk_size=10)
     assert _same(rest.state, full.state), "resuming the interrupted state finishes the same fit"
+
+
+def _docstring_bnn():
+    """The example model of ``fit_bnn``'s docstring, executed from the docstring itself."""
+    import textwrap
+
+    from ngvi.nn import fit_bnn
+
+    doc = fit_bnn.__doc__
+    block = doc[doc.index("import jax\n") : doc.index("res = fit_bnn(")]
+    namespace: dict = {}
+    exec(textwrap.dedent("        " + block), namespace)  # noqa: S102 - our own docstring
+    return namespace["model"]
+
+
+def test_fit_bnn_docstring_model_follows_the_contract():
+    """Traced with NumPyro's handlers as ``fit_bnn`` calls it: the rows of ``batch_idx``, the
+    likelihood scaled by N / B; without ``batch_idx`` every row, unscaled."""
+    model = _docstring_bnn()
+    X = jax.random.normal(KEY, (64, 5))
+    y = (X[:, 0] > 0).astype(jnp.int32)
+    site = {}
+
+    @jax.jit  # one compile instead of op-by-op dispatch of every layer
+    def run(X, y, batch_idx):
+        tr = numpyro.handlers.trace(numpyro.handlers.seed(model, 0)).get_trace(X, y, batch_idx)
+        site.update(shape=tr["y"]["fn"].batch_shape, scale=tr["y"]["scale"])
+        return tr["y"]["value"]
+
+    np.testing.assert_array_equal(run(X, y, jnp.arange(16)), y[:16])
+    assert site == {"shape": (16,), "scale": pytest.approx(4.0)}
+    np.testing.assert_array_equal(run(X, y, None), y)
+    assert site == {"shape": (64,), "scale": None}
+
+
+@pytest.mark.slow  # ~15 s on an idle CPU (a K-FAC BNN compile), 80 s on the shared machine
+def test_fit_bnn_docstring_model_trains():
+    """The docstring's example trains with ``fit_bnn`` and a K-FAC guide, as written there."""
+    import ngvi
+    from ngvi.nn import fit_bnn
+
+    X = jax.random.normal(KEY, (64, 5))
+    y = (X[:, 0] > 0).astype(jnp.int32)
+    res = fit_bnn(
+        ngvi.KFACGuide(_docstring_bnn()),
+        X,
+        y,
+        epochs=2,
+        batch_size=16,
+        eval_data=(X[:32], y[:32]),
+        progress_bar=False,
+    )
+    assert res.losses.shape == (2,) and np.all(np.isfinite(res.losses))
+    assert 0.0 <= res.history[-1].accuracy <= 1.0

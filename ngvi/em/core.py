@@ -59,6 +59,8 @@ import numpyro.distributions as dist
 from jax.scipy.special import logsumexp
 from numpyro.distributions import constraints
 
+from ngvi.em.checks import check_lr
+from ngvi.errors import ConfigError
 from ngvi.families import Dirichlet, ExpFamily, NormalGamma, Params
 
 Array = jax.Array
@@ -119,7 +121,7 @@ def natural_gradient(
         return family.fisher_inverse(params, diff)
     if coords == "mean":
         return diff
-    raise ValueError(f"coords must be 'mean' or 'natural', got {coords!r}")
+    raise ConfigError(f"coords must be 'mean' or 'natural', got {coords!r}.")
 
 
 def mean_coords_gradient(family: ExpFamily, params: Params, target_stats: Params) -> Params:
@@ -146,8 +148,9 @@ def natural_step(
     ``coords="natural"``: ``eta' = eta - lr F(eta)^{-1} (m - t)``; ``lr = 1`` is one Newton
                           step towards the M-step, exact iff ``A`` is quadratic in ``eta``.
 
-    ``params`` are natural parameters in both cases (so is the result).
+    ``params`` are natural parameters in both cases (so is the result). ``lr > 0``.
     """
+    check_lr(lr)
     if coords == "mean":
         m = family.natural_to_mean(params)
         new_m = tuple((1.0 - lr) * mi + lr * ti for mi, ti in zip(m, target_stats))
@@ -163,6 +166,7 @@ def reverse_natural_step(params: Params, params_hat: Params, lr: float | Array =
     coordinates is ``lambda_hat - lambda`` (Hoffman et al. 2013, eq. 27); ``lr = 1`` returns
     ``lambda_hat`` exactly (the CAVI update), ``lr = rho_t`` is the SVI update (eq. 33).
     """
+    check_lr(lr)
     return jax.tree_util.tree_map(lambda e, h: (1.0 - lr) * e + lr * h, params, params_hat)
 
 

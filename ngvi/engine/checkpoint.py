@@ -75,7 +75,8 @@ def load_checkpoint(path: str | os.PathLike, template, guide):
         with np.load(path, allow_pickle=False) as f:
             meta = json.loads(bytes(f[_META]).decode())
             stored = {k: f[k] for k in f.files if k != _META}
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+        # EOFError: an empty (0-byte) file, e.g. a disk that filled up before the first write
         raise CheckpointError(
             f"checkpoint {str(path)!r} is unreadable or corrupt ({type(e).__name__}: {e}); "
             "delete it to start the fit afresh, or point checkpoint= at an intact file."

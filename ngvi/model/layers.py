@@ -37,8 +37,15 @@ from numpyro.handlers import seed, substitute, trace
 from numpyro.infer.initialization import init_to_median
 from numpyro.primitives import Messenger, apply_stack
 
-from ngvi.errors import ModelError
-from ngvi.model.target import Site, Target, check_observed, model_failed, observed_facts
+from ngvi.errors import ConfigError, ModelError
+from ngvi.model.target import (
+    Site,
+    Target,
+    check_observed,
+    invalid_parameter,
+    model_failed,
+    observed_facts,
+)
 
 __all__ = [
     "Layer",
@@ -237,7 +244,7 @@ def fast_target(model, args: tuple, kwargs: dict, rng_key) -> Target:
     except (TypeError, ValueError) as e:
         if type(e).__module__.startswith("jax"):  # a tracer error: the model, not its data
             raise
-        raise model_failed(e) from e
+        raise invalid_parameter(model, args, kwargs, rng_key, e) or model_failed(e) from e
     for name, (value, in_support) in checks.items():
         check_observed(name, value, in_support, info["facts"][name])
     z0, unravel = ravel_pytree(unc)
@@ -263,11 +270,29 @@ def minibatch(X, y, subsample_size, batch_idx):
         return X[idx], None if y is None else y[idx]
 
 
-def data_plate(n, size, batch_idx):
-    """The likelihood plate, scaled by N / B for a minibatch (given rows: no random draw)."""
+def data_plate(n: int, size: int | None, batch_idx):
+    """The likelihood plate "data" over ``n`` rows, its log-likelihood scaled by ``N / B`` for a
+    minibatch of ``B`` rows.
+
+    * ``batch_idx=None``: ``numpyro.plate("data", n, subsample_size=size)`` (``size=None``: all
+      rows; else NumPyro draws ``size`` random rows).
+    * ``batch_idx`` given (the rows of this step, as ``fit_bnn`` passes them): a plate of
+      ``B = len(batch_idx)`` rows scaled by ``n / B``, no random draw. ``size=None`` means the
+      whole ``batch_idx``; a ``size`` other than ``len(batch_idx)`` raises ``ConfigError``.
+    """
     if batch_idx is None:
         return numpyro.plate("data", n, subsample_size=size)
-    return _scaled_plate(size, n / size)
+    rows = int(jnp.shape(batch_idx)[0]) if jnp.ndim(batch_idx) else None
+    if rows is None:
+        raise ConfigError(
+            f"batch_idx must be a 1-d array of row indices, got a scalar {batch_idx!r}."
+        )
+    if size is not None and size != rows:
+        raise ConfigError(
+            f"data_plate got size={size!r} but batch_idx holds {rows} rows: pass size=None (the "
+            "whole batch_idx) or the batch's length."
+        )
+    return _scaled_plate(rows, n / rows)
 
 
 @contextlib.contextmanager

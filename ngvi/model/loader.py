@@ -2,8 +2,9 @@
 
 A model file defines ``model(...)`` (or the function named after ``:``) and
 ``data() -> (args, kwargs)``. Bundled names are the entry points of the group ``ngvi.models``
-(the repository's ``models/`` package registers its files there in ``pyproject.toml``; another
-installed package can register its own), so the library names no model package itself.
+(the repository's ``models/`` folder, installed as ``ngvi.models``, registers its files there in
+``pyproject.toml``; another installed package can register its own), so the library names no
+model package itself.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["ModelLoadError", "bundled", "load", "load_module"]
+__all__ = ["ModelLoadError", "bundled", "defined_functions", "load", "load_module"]
 
 ENTRY_POINTS = "ngvi.models"
 
@@ -73,6 +75,19 @@ def load_module(name_or_path: str) -> ModuleType:
     return _import_path(path.resolve())
 
 
+def defined_functions(module: ModuleType) -> list[str]:
+    """Public functions the module itself defines (not imported ones), ``data`` left out: the
+    candidates for the model function."""
+    return [
+        name
+        for name, fn in vars(module).items()
+        if inspect.isfunction(fn)
+        and fn.__module__ == module.__name__
+        and not name.startswith("_")
+        and name != "data"
+    ]
+
+
 def load(name_or_path: str):
     """Resolve a model spec to ``(model_fn, args, kwargs)``.
 
@@ -87,7 +102,14 @@ def load(name_or_path: str):
     where = getattr(module, "__file__", None) or module.__name__
     model_fn = getattr(module, fn_name, None)
     if model_fn is None or not callable(model_fn):
-        raise ModelLoadError(f"{where}: no model function {fn_name!r} (missing attribute)")
+        target, _ = _split(name_or_path)
+        defined = defined_functions(module)
+        listing = (
+            f"it defines {', '.join(defined)}; name one as {target}:NAME"
+            if defined
+            else "it defines no public function"
+        )
+        raise ModelLoadError(f"{where}: no model function {fn_name!r}: {listing}")
     data_fn = getattr(module, "data", None)
     if data_fn is None or not callable(data_fn):
         raise ModelLoadError(

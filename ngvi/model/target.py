@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
 import numpyro.distributions as dist
 from jax.flatten_util import ravel_pytree
 from numpyro.distributions.transforms import biject_to
@@ -101,11 +102,11 @@ def join_data(dynamic, spec):
 
 def _trace_model(model, args, kwargs, rng_key):
     """Trace the model once with every latent site at a valid point (improper sites included)."""
-    model = substitute(seed(model, rng_key), substitute_fn=init_to_uniform)
+    traced = substitute(seed(model, rng_key), substitute_fn=init_to_uniform)
     try:
-        return trace(model).get_trace(*args, **kwargs)
+        return trace(traced).get_trace(*args, **kwargs)
     except (TypeError, ValueError) as e:
-        raise model_failed(e) from e
+        raise invalid_parameter(model, args, kwargs, rng_key, e) or model_failed(e) from e
 
 
 def model_failed(e: Exception) -> DataError:
@@ -115,6 +116,53 @@ def model_failed(e: Exception) -> DataError:
         f"the model failed on its data: {e}. Check that the args/kwargs match the model's "
         "signature and that the data shapes broadcast with the model's plates."
     )
+
+
+def invalid_parameter(model, args, kwargs, rng_key, error: Exception) -> ModelError | None:
+    """The error naming the site, the parameter and its value when NumPyro's argument validation
+    raised ``error`` (e.g. "Normal distribution got invalid scale parameter", which names
+    neither); ``None`` when no site has an invalid parameter (another failure).
+
+    The model is traced again with validation off (``numpyro.validation_enabled(False)``) and
+    each sample site's parameters are checked against their ``arg_constraints``."""
+    try:
+        with numpyro.validation_enabled(False):
+            traced = substitute(seed(model, rng_key), substitute_fn=init_to_uniform)
+            tr = trace(traced).get_trace(*args, **kwargs)
+    except Exception:  # the model fails for another reason too: keep the original error
+        return None
+    for site in tr.values():
+        bad = _bad_parameter(_base_dist(site["fn"])) if site["type"] == "sample" else None
+        if bad is None:
+            continue
+        fn_name, param, value, idx, constraint = bad
+        where = f" at index {idx}" if idx else ""
+        positive = isinstance(constraint, type(dist.constraints.positive))
+        example = " (e.g. jax.nn.softplus(x) + 1e-6, or a HalfNormal prior)" if positive else ""
+        return ModelError(
+            f"site '{site['name']}': its {fn_name} distribution got {param} = {value}{where}, "
+            f"outside the parameter's constraint {constraint} ({error}). Give it a {param} "
+            f"inside {constraint}; when {param} is computed from data or a latent value, map "
+            f"it into that set{example}."
+        )
+    return None
+
+
+def _bad_parameter(fn) -> tuple | None:
+    """``(distribution, parameter, value, index, constraint)`` of the first parameter of ``fn``
+    outside its ``arg_constraints`` (the value as text), else ``None``."""
+    for param, value in fn.get_args().items():
+        constraint = fn.arg_constraints[param]
+        if dist.constraints.is_dependent(constraint):
+            continue
+        ok = np.asarray(constraint(value))
+        if ok.all():
+            continue
+        idx = tuple(int(i) for i in np.argwhere(~ok)[0]) if ok.ndim else ()
+        v = np.asarray(value)[idx]
+        text = repr(v.item()) if v.ndim == 0 else np.array2string(v, separator=", ")
+        return type(fn).__name__, param, text.replace("\n", ""), idx, constraint
+    return None
 
 
 class ObservedFacts(NamedTuple):
@@ -190,11 +238,16 @@ def _global_observed(value: jax.Array, in_support):
     return gather(value), gather(in_support)
 
 
-def _dist_name(fn) -> str:
-    """The distribution's name under the plate/to_event/mask wrappers."""
+def _base_dist(fn):
+    """The distribution under the plate/to_event/mask wrappers."""
     while isinstance(fn, (dist.ExpandedDistribution, dist.Independent, dist.MaskedDistribution)):
         fn = fn.base_dist
-    return type(fn).__name__
+    return fn
+
+
+def _dist_name(fn) -> str:
+    """The distribution's name under the plate/to_event/mask wrappers."""
+    return type(_base_dist(fn)).__name__
 
 
 def _check_observed_shape(name: str, shape: tuple, facts: ObservedFacts) -> None:
@@ -226,8 +279,12 @@ def _check_latent(site) -> None:
     if fn.support.is_discrete or getattr(fn, "is_discrete", False):
         raise ModelError(
             f"latent site '{name}' is discrete ({type(fn).__name__}, support {fn.support}): ngvi "
-            "fits continuous latent variables. Marginalize it out (e.g. dist.MixtureSameFamily "
-            "or a logsumexp over its values), observe it, or use ngvi.em for mixture models."
+            "fits continuous latent variables (it does not enumerate discrete sites). Marginalize "
+            "it out of the model (dist.MixtureSameFamily, or numpyro.factor with a logsumexp "
+            "over its values) and fit with ngvi.NGVI, or observe it. For a mixture of an array X "
+            "(N, D) rather than a model, ngvi.em fits it directly: ngvi.em.fit_gmm(X, K, "
+            "num_iters) (Gaussian, EM), ngvi.em.fit_cavi_gmm(X, K, num_iters) (Bayesian GMM, "
+            "VB), ngvi.em.fit_bernoulli_mixture(X, K, num_iters) (binary X)."
         )
 
 

@@ -101,12 +101,46 @@ def fit_bnn(
     eval_every: int = 1,
 ) -> FitResult:
     """Train over ``epochs`` of shuffled minibatches, ``engine.update(state, X, y=y,
-    batch_idx=idx)`` per batch (the model takes ``batch_idx``, see ``models/bnn_classifier``).
+    batch_idx=idx)`` per batch.
 
     ``engine`` is an ``NGVI`` (a bare ngvi guide gets ``bnn_engine(guide)``) or a NumPyro ``SVI``
     (ADVI, MAP with ``AutoDelta``). Each epoch is one compiled scan over its minibatches. With
     ``eval_data=(X_test, y_test)`` the predictive metrics are computed every ``eval_every`` epochs
-    and shown with the loss on a tqdm bar."""
+    and shown with the loss on a tqdm bar.
+
+    The model contract: ``model(X, y=None, batch_idx=None)``.
+
+    * Training calls ``model(X, y=y, batch_idx=idx)`` with the *whole* ``X`` (N, ...) and ``y``
+      (N, ...) and ``idx`` an int array of ``batch_size`` rows (the same length every step, so
+      one compiled step serves the run). The model uses the rows ``X[idx]``, ``y[idx]`` and
+      scales their log-likelihood by ``N / B`` so the ELBO estimates the full-data one:
+      ``ngvi.nn.data_plate(N, None, batch_idx)`` does that.
+    * Evaluation calls ``model(X_test, y=y_test)`` (``batch_idx`` left at ``None``: every row);
+      the first observed site is the predictive (``Categorical`` logits give accuracy and
+      calibration, any other distribution its mean for the RMSE).
+
+    A minimal classifier (``ngvi.nn.dense`` declares the layers a ``KFACGuide`` sees)::
+
+        import jax
+        import numpyro
+        import numpyro.distributions as dist
+        from ngvi.nn import data_plate, dense
+
+        def model(X, y=None, batch_idx=None):
+            n = X.shape[0]
+            if batch_idx is not None:  # this step's rows
+                X, y = X[batch_idx], None if y is None else y[batch_idx]
+            h = jax.nn.relu(dense("hidden", X, 32))
+            logits = dense("out", h, 10)
+            with data_plate(n, None, batch_idx):  # log-likelihood times N / B
+                numpyro.sample("y", dist.Categorical(logits=logits), obs=y)
+
+        res = fit_bnn(ngvi.KFACGuide(model), X, y, epochs=10, batch_size=128,
+                      eval_data=(X_test, y_test))
+
+    ``ngvi.nn.minibatch`` adds NumPyro's random subsampling (``subsample_size``) to this; the
+    bundled ``bnn_classifier`` and ``bnn_regressor`` models follow the same contract.
+    """
     if not (isinstance(batch_size, int) and 1 <= batch_size <= X.shape[0]):
         raise ConfigError(
             f"batch_size must be an integer in [1, {X.shape[0]}] (the rows of X), got "

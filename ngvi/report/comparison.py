@@ -10,6 +10,7 @@ time is reported apart as compile time.
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -261,13 +262,18 @@ def _nuts_reference(model, args, kwargs, warmup, samples, chains, rng_key):
     mcmc.run(mcmc.post_warmup_state.rng_key, *args, extra_fields=("num_steps",), **kwargs)
     seconds = time.perf_counter() - t0
     grads += int(np.sum(mcmc.get_extra_fields()["num_steps"]))
-    summary = az.summary(az.from_numpyro(mcmc), kind="diagnostics")
-    return mcmc.get_samples(), {
-        "seconds": seconds,
-        "grad_evals": grads,
-        "r_hat_max": float(summary["r_hat"].max()),
-        "ess_bulk_min": float(summary["ess_bulk"].min()),
-    }
+    idata = az.from_numpyro(mcmc)  # with the pointwise log-likelihood, for az.compare
+    summary = az.summary(idata, kind="diagnostics")
+    return (
+        mcmc.get_samples(),
+        idata,
+        {
+            "seconds": seconds,
+            "grad_evals": grads,
+            "r_hat_max": float(summary["r_hat"].max()),
+            "ess_bulk_min": float(summary["ess_bulk"].min()),
+        },
+    )
 
 
 def _site_errors(draws: dict, ref: dict) -> dict:
@@ -299,6 +305,7 @@ def compare(
     plot: str | None = None,
     pair: tuple[str, str] | None = None,
     rng_key=None,
+    posterior_predictive: bool = True,
     **kwargs,
 ):
     """NGVI (mean-field; ``"fullrank"`` adds the full-rank guide), ADVI (best of ``advi_lrs`` x
@@ -308,12 +315,16 @@ def compare(
     common random numbers, steps / seconds / gradient evaluations to stay within 0.1 nat of the
     mean-field optimum, compile time, PSIS k-hat, and per site ``err:<site>`` = mean error in
     NUTS-sd units and ``sd_ratio:<site>``; NUTS reports R-hat and ESS), and extras with the
-    draws and traces. ``plot="out.png"`` saves the ELBO traces there, and the marginals and a
-    pair plot of the coordinates ``pair`` (e.g. ``("mu", "tau")`` or ``("w[0]", "w[1]")``;
-    default the first two) beside it (``out_marginals.png``, ``out_pair.png``)."""
+    draws, the traces and ``extras["idata"]``: each method's ``arviz.InferenceData`` (with its
+    pointwise log-likelihood; the VI ones with ``num_draws`` draws and k-hat in
+    ``posterior.attrs``), so ``az.compare(extras["idata"])`` ranks the methods without refitting.
+    ``posterior_predictive=False`` skips simulating the data in the VI ones. ``plot="out.png"``
+    saves the ELBO traces there, and the marginals and a pair plot of the coordinates ``pair``
+    (e.g. ``("mu", "tau")`` or ``("w[0]", "w[1]")``; default the first two) beside it
+    (``out_marginals.png``, ``out_pair.png``)."""
     import pandas as pd
 
-    from ngvi.report.diagnostics import psis_diagnostic
+    from ngvi.report.diagnostics import to_inference_data
 
     unknown = set(methods) - {"ngvi", "fullrank", "advi", "nuts"}
     if unknown:
@@ -339,17 +350,25 @@ def compare(
         for r, t in zip(rows, extras["traces"])
         if (r["method"] == "ngvi" and "ngvi" in methods) or r.get("best_advi")
     ]
-    draws, table = {}, []
+    draws, table, idatas = {}, [], {}
+    as_idata = partial(
+        to_inference_data,
+        num_samples=num_draws,
+        rng_key=key,
+        posterior_predictive=posterior_predictive,
+    )
     for row, tr in picked:
-        params = {"loc": tr.loc, "scale": tr.scale}
-        draws[row["method"]] = guide.sample_posterior(key, params, sample_shape=(num_draws,))
-        psis = psis_diagnostic(guide, params, *args, num_samples=num_draws, rng_key=key, **kwargs)
-        table.append({**row, "khat": psis.khat})
+        m, params = row["method"], {"loc": tr.loc, "scale": tr.scale}
+        draws[m] = guide.sample_posterior(key, params, sample_shape=(num_draws,))
+        idatas[m] = as_idata(guide, params, *args, settings={"method": m, **tr.settings}, **kwargs)
+        table.append({**row, "khat": idatas[m].posterior.attrs["psis_khat"]})
     if "fullrank" in methods:
-        draws["fullrank"], row = _fullrank(model, args, kwargs, ngvi_steps, num_draws, key)
+        draws["fullrank"], row, idatas["fullrank"] = _fullrank(
+            model, args, kwargs, ngvi_steps, num_draws, key, as_idata
+        )
         table.append(row)
     if "nuts" in methods:
-        samples, info = _nuts_reference(
+        samples, idatas["nuts"], info = _nuts_reference(
             model, args, kwargs, nuts_warmup, nuts_samples, num_chains, key
         )
         draws["nuts"] = samples
@@ -364,32 +383,39 @@ def compare(
                 "ess_bulk_min": info["ess_bulk_min"],
             }
         )
-    extras = {**extras, "draws": draws, "picked": [t for _, t in picked]}
+    extras = {**extras, "draws": draws, "picked": [t for _, t in picked], "idata": idatas}
     if plot:
         _plots(plot, extras, draws, pair)
     return pd.DataFrame(table), extras
 
 
-def _fullrank(model, args, kwargs, steps, num_draws, key):
-    """Full-rank NGVI (variational online Newton): draws and a table row (k-hat; its time
-    includes compilation, as it has no fixed-noise scorer here)."""
+def _fullrank(model, args, kwargs, steps, num_draws, key, as_idata):
+    """Full-rank NGVI (variational online Newton): draws, a table row (k-hat; its time
+    includes compilation, as it has no fixed-noise scorer here) and its InferenceData."""
     from ngvi.guides.fullrank import FullRankGaussian
-    from ngvi.report.diagnostics import psis_diagnostic
 
     guide = FullRankGaussian(model)
+    engine = NGVI(model, guide)
     t0 = time.perf_counter()
-    res = NGVI(model, guide).run(key, steps, *args, progress_bar=False, **kwargs)
+    res = engine.run(key, steps, *args, progress_bar=False, **kwargs)
     seconds = time.perf_counter() - t0
+    idata = as_idata(
+        guide,
+        res.params,
+        *args,
+        losses=res.losses,
+        settings={"method": "fullrank", "lr": engine.lr, "num_particles": engine.num_particles},
+        **kwargs,
+    )
     draws = guide.sample_posterior(key, res.params, sample_shape=(num_draws,))
-    psis = psis_diagnostic(guide, res.params, *args, num_samples=num_draws, rng_key=key, **kwargs)
     row = {
         "method": "fullrank",
-        "num_particles": 8,
+        "num_particles": engine.num_particles,
         "steps_run": res.num_steps,
         "seconds_incl_compile": seconds,
-        "khat": psis.khat,
+        "khat": idata.posterior.attrs["psis_khat"],
     }
-    return draws, row
+    return draws, row, idata
 
 
 def _plots(path: str, extras: dict, draws: dict, pair=None) -> None:

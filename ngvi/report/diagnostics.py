@@ -37,7 +37,9 @@ from ngvi.model.target import split_data as _split_data
 __all__ = [
     "ModelLayout",
     "PSISResult",
+    "TRACE_GROUP",
     "khat_message",
+    "khat_verdict",
     "model_layout",
     "psis_diagnostic",
     "psis_khat",
@@ -106,7 +108,9 @@ def model_layout(
     return ModelLayout(tuple(latent), tuple(det), tuple(obs), dims, coords, event_dims, values)
 
 
-def _replay_draws(model, args, kwargs, layout: ModelLayout, latent: dict, rng_key) -> tuple:
+def _replay_draws(
+    model, args, kwargs, layout: ModelLayout, latent: dict, rng_key, simulate: bool = True
+) -> tuple:
     """Run the model once per posterior draw with the latent sites fixed; returns
     (deterministic values, pointwise log-likelihood, posterior-predictive draws), each a dict of
     arrays with a leading draw axis.
@@ -114,16 +118,55 @@ def _replay_draws(model, args, kwargs, layout: ModelLayout, latent: dict, rng_ke
     The log-likelihood is ``site.fn.log_prob(obs)`` unscaled, as ``numpyro.infer.log_likelihood``
     computes it; the predictive draw is ``site.fn.sample`` with the latent draw substituted, so no
     observation has to be removed from the model's arguments (an observed site whose
-    distribution depends on another observed site is simulated one step ahead)."""
+    distribution depends on another observed site is simulated one step ahead). An observed site
+    NumPyro cannot simulate (e.g. a ``Binomial`` whose ``total_count`` is a float array) is left
+    out of the predictive with a warning naming it; ``simulate=False`` skips the predictive."""
     dynamic, spec = _split_data(args, kwargs)
-    sites = (layout.deterministic, layout.observed)
-    return _replay_jit(model, sites, spec, latent, rng_key, dynamic)
+    wanted = layout.observed if simulate else ()
+
+    def run(sims: tuple):
+        sites = (layout.deterministic, layout.observed, sims)
+        return _replay_jit(model, sites, spec, latent, rng_key, dynamic)
+
+    try:
+        return run(wanted)
+    except Exception:
+        failed = _unsimulable(run, wanted)
+        if not failed:
+            raise  # not the simulation: the model itself fails on these draws
+    detail = "; ".join(f"'{s}': {type(e).__name__}: {e}" for s, e in failed.items())
+    warnings.warn(
+        f"posterior_predictive leaves out observed site(s) {list(failed)}: NumPyro cannot "
+        f"simulate them ({detail}). Their log-likelihood is kept (az.loo works). To simulate, "
+        "give the distribution the parameter types its sampler needs (e.g. an integer "
+        "total_count); pass posterior_predictive=False to skip the group without this warning.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return run(tuple(s for s in wanted if s not in failed))
+
+
+def _unsimulable(run: Callable, sites: tuple) -> dict:
+    """``{site: error}`` of the observed sites whose simulation fails when traced alone (a
+    trace by ``jax.eval_shape``: nothing is compiled or run); empty when the replay fails
+    without simulating anything (the failure is elsewhere)."""
+    try:
+        jax.eval_shape(partial(run, ()))
+    except Exception:
+        return {}
+    failed = {}
+    for s in sites:
+        try:
+            jax.eval_shape(partial(run, (s,)))
+        except Exception as e:  # the sampler's own error, reported in the warning
+            failed[s] = e
+    return failed
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
 def _replay_jit(model, sites, spec, latent, rng_key, dynamic):
     args, kwargs = _join_data(dynamic, spec)
-    deterministic, observed = sites
+    deterministic, observed, simulate = sites
     n = next(iter(latent.values())).shape[0]
 
     def one(values, key):
@@ -131,7 +174,7 @@ def _replay_jit(model, sites, spec, latent, rng_key, dynamic):
         det = {s: tr[s]["value"] for s in deterministic}
         ll = {s: tr[s]["fn"].log_prob(tr[s]["value"]) for s in observed}
         keys = jax.random.split(jax.random.fold_in(key, 1), max(len(observed), 1))
-        pp = {s: tr[s]["fn"].sample(k) for s, k in zip(observed, keys)}
+        pp = {s: tr[s]["fn"].sample(k) for s, k in zip(observed, keys) if s in simulate}
         return det, ll, pp
 
     return jax.vmap(one)(latent, jax.random.split(rng_key, n))
@@ -158,13 +201,37 @@ def _attr(value: Any) -> Any:
     return repr(value)
 
 
-def _sample_stats(losses, settings: Mapping | None, method: str) -> xr.Dataset:
-    """The ELBO trace ``-losses`` over a ``step`` dim, with the method's settings as attrs."""
-    attrs = {"method": method, **{k: _attr(v) for k, v in (settings or {}).items()}}
-    if losses is None:
-        return xr.Dataset(attrs=attrs)
+#: The custom InferenceData group holding the optimization trace (ELBO per step). It is not in
+#: ArviZ's schema, so ArviZ's tools (summary, plot_trace, loo, compare), which read the
+#: chain/draw groups, never meet its ``step`` dim.
+TRACE_GROUP = "vi_trace"
+
+
+def _vi_trace(losses, method: str) -> xr.Dataset:
+    """The ELBO trace ``-losses`` over a ``step`` dim."""
     elbo = -np.asarray(losses, dtype=float).reshape(-1)
-    return xr.Dataset({"elbo": ("step", elbo)}, coords={"step": np.arange(elbo.size)}, attrs=attrs)
+    return xr.Dataset(
+        {"elbo": ("step", elbo)}, coords={"step": np.arange(elbo.size)}, attrs={"method": method}
+    )
+
+
+def _psis_attrs(guide, params, args, kwargs, num_samples: int, rng_key) -> dict:
+    """The PSIS k-hat of the fit as netCDF-safe attributes (``psis_diagnostic`` on
+    ``max(num_samples, 30)`` fresh draws); a warning and ``psis_khat = nan`` when the log ratios
+    cannot be formed (NaN densities)."""
+    n = max(int(num_samples), _MIN_DRAWS)
+    try:
+        res = psis_diagnostic(guide, params, *args, num_samples=n, rng_key=rng_key, **kwargs)
+    except DataError as e:
+        warnings.warn(f"PSIS k-hat not computed: {e}", UserWarning, stacklevel=3)
+        return {"psis_khat": math.nan, "psis_verdict": "failed", "psis_message": str(e)}
+    return {
+        "psis_khat": res.khat,
+        "psis_verdict": khat_verdict(res.khat),
+        "psis_message": res.message,
+        "psis_ess": res.ess,
+        "psis_num_samples": n,
+    }
 
 
 def to_inference_data(
@@ -175,15 +242,23 @@ def to_inference_data(
     rng_key: jax.Array | None = None,
     losses=None,
     settings: Mapping | None = None,
+    posterior_predictive: bool = True,
+    psis: bool = True,
     **kwargs,
 ) -> az.InferenceData:
     """An ``arviz.InferenceData`` of a fitted guide on the model's data ``(*args, **kwargs)``.
 
     Groups: ``posterior`` (``num_samples`` constrained draws of every latent and deterministic
-    site, one chain, dims named after the model's plates), ``sample_stats`` (the ELBO trace
-    ``-losses`` over dim ``step``, with ``settings`` and the method as attrs), and where the
-    model observes data ``log_likelihood`` (pointwise ``log p(y_i | theta_s)``, for ``az.loo``),
-    ``posterior_predictive`` and ``observed_data``.
+    site, one chain, dims named after the model's plates), and where the model observes data
+    ``log_likelihood`` (pointwise ``log p(y_i | theta_s)``, for ``az.loo`` / ``az.compare``),
+    ``posterior_predictive`` and ``observed_data``; with ``losses`` the custom group
+    ``vi_trace`` holds the ELBO trace ``-losses`` over dim ``step`` (outside ArviZ's chain/draw
+    groups, so ``az.summary`` on every chain/draw group works).
+
+    ``posterior.attrs`` hold the method (the guide's class), ``settings`` and, with ``psis``,
+    the fit's PSIS k-hat (``psis_khat``, ``psis_verdict``: exact / good / ok / unreliable,
+    ``psis_message``, ``psis_ess``; see ``psis_diagnostic``). ``posterior_predictive=False``
+    skips the simulation; a site NumPyro cannot simulate is left out with a warning.
 
     ``guide`` is an ngvi guide or any NumPyro guide with ``sample_posterior`` (e.g. ADVI's
     ``AutoNormal`` with its SVI params).
@@ -201,7 +276,14 @@ def to_inference_data(
     if missing:
         raise ModelError(f"the guide gave no draws of latent site(s) {missing} of the model.")
     latent = {s: jnp.asarray(draws[s]) for s in layout.latent}
-    det, ll, pp = _replay_draws(guide.model, args, kwargs, layout, latent, k_rep)
+    det, ll, pp = _replay_draws(
+        guide.model, args, kwargs, layout, latent, k_rep, simulate=posterior_predictive
+    )
+    method = type(guide).__name__
+    attrs = {"method": method, **{k: _attr(v) for k, v in (settings or {}).items()}}
+    if psis:  # fold_in: the posterior draws stay those of the same rng_key without PSIS
+        k_psis = jax.random.fold_in(key, 3)
+        attrs.update(_psis_attrs(guide, params, args, kwargs, num_samples, k_psis))
     dims = layout.dims
     ll_dims = {s: dims[s][: len(dims[s]) - layout.event_dims[s]] for s in layout.observed}
     idata = az.from_dict(
@@ -211,12 +293,14 @@ def to_inference_data(
         observed_data=layout.observed_values or None,
         coords=layout.coords,
         dims=dims,
+        posterior_attrs=attrs,
     )
     if ll:  # log-likelihood dims drop the event axes of multivariate likelihoods
         idata.log_likelihood = az.dict_to_dataset(
             _chain(ll), coords=layout.coords, dims=ll_dims, library=None
         )
-    idata.add_groups(sample_stats=_sample_stats(losses, settings, type(guide).__name__))
+    if losses is not None:
+        idata.add_groups({TRACE_GROUP: _vi_trace(losses, method)})
     return idata
 
 
@@ -283,6 +367,16 @@ def psis_khat(log_ratios) -> float:
     ``k = 1 - sigma_q^2 / sigma_p^2``); finite-sample estimates come out near 0.7.
     """
     return _smooth(_check_log_ratios(log_ratios))[1]
+
+
+def khat_verdict(khat: float) -> str:
+    """One word for a k-hat (Yao et al. 2018): ``exact`` (-inf), ``good`` (< 0.5), ``ok``
+    (0.5-0.7: usable with PSIS correction), ``unreliable`` (> 0.7), ``failed`` (NaN)."""
+    if math.isnan(khat):
+        return "failed"
+    if khat == -math.inf:
+        return "exact"
+    return "good" if khat < KHAT_GOOD else ("ok" if khat < KHAT_BAD else "unreliable")
 
 
 def khat_message(khat: float, ess: float | None = None) -> str:

@@ -1,0 +1,209 @@
+"""Cost per step and the first gradients: NGVI's defaults against the best ADVI and Pathfinder.
+
+Targets: the bundled eight schools, logistic regression and hierarchical linear models, and four
+Inference Gym-style targets written here: a banana (d = 2), an ill-conditioned Gaussian (d = 100,
+a random rotation of variances spread over four decades), Neal's funnel (d = 10) and a 1PL
+item-response model (400 students x 100 questions, d = 501).
+
+Protocol (as ``bench_meanfield``, ../shared/PERFORMANCE-NOTES.md): one common-random-numbers ELBO
+scores every checkpoint; the reference is the mean-field family optimum; ADVI (AutoNormal + Adam)
+gets a grid of learning rates x particles and the best configuration by seconds; compile time is
+excluded; every ratio comes from one run. Columns: steps / gradient evaluations / seconds to stay
+within 0.1 nat, gradient evaluations to first come within 5 nats, and the cost of one NGVI step
+over one step of one-particle ADVI at the best learning rate. Pathfinder (BlackJAX, when
+installed) is scored by the ELBO of its own Gaussian (Monte Carlo, 4096 draws) against the same
+mean-field optimum, with its gradient evaluations (L-BFGS iterations). Prints a table and writes
+benchmarks/results/gym.json.
+
+    python benchmarks/bench_gym.py [target ...] [--quick]
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+
+from ngvi import MeanFieldGaussian, models
+from ngvi.report.comparison import compare_vi, format_table
+from ngvi.report.scoring import first_touch
+
+
+# -- the Inference Gym-style targets -------------------------------------------------------------
+def banana():
+    """x1 ~ N(0, 10^2), x2 | x1 ~ N(0.03 (x1^2 - 100), 1) (Haario et al. 1999)."""
+    x1 = numpyro.sample("x1", dist.Normal(0.0, 10.0))
+    numpyro.sample("x2", dist.Normal(0.03 * (x1**2 - 100.0), 1.0))
+
+
+def _ill_conditioned_cov(d: int = 100, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    return (q * np.logspace(-2, 2, d)) @ q.T
+
+
+def ill_conditioned_gaussian(cov):
+    """z ~ N(0, cov), cov a random rotation of variances from 1e-2 to 1e2 (condition 1e4)."""
+    numpyro.sample("z", dist.MultivariateNormal(jnp.zeros(cov.shape[0]), cov))
+
+
+def funnel(dim: int = 9):
+    """Neal's funnel: v ~ N(0, 3), x_i | v ~ N(0, exp(v / 2)), i = 1..dim."""
+    v = numpyro.sample("v", dist.Normal(0.0, 3.0))
+    numpyro.sample("x", dist.Normal(jnp.zeros(dim), jnp.exp(v / 2.0)).to_event(1))
+
+
+def item_response(student, question, y=None, num_students=400, num_questions=100):
+    """1PL (Rasch) model: logit P(correct) = mean + ability_s - difficulty_q."""
+    mean = numpyro.sample("mean", dist.Normal(0.0, 1.0))
+    with numpyro.plate("students", num_students):
+        ability = numpyro.sample("ability", dist.Normal(0.0, 1.0))
+    with numpyro.plate("questions", num_questions):
+        difficulty = numpyro.sample("difficulty", dist.Normal(0.0, 1.0))
+    with numpyro.plate("answers", student.shape[0]):
+        logits = mean + ability[student] - difficulty[question]
+        numpyro.sample("y", dist.Bernoulli(logits=logits), obs=y)
+
+
+def _irt_data(num_students=400, num_questions=100, seed=0):
+    rng = np.random.default_rng(seed)
+    s, q = np.meshgrid(np.arange(num_students), np.arange(num_questions), indexing="ij")
+    s, q = s.ravel(), q.ravel()
+    keep = rng.random(s.size) < 0.5  # each student answers about half the questions
+    s, q = s[keep], q[keep]
+    logits = 0.5 + rng.normal(size=num_students)[s] - rng.normal(size=num_questions)[q]
+    y = (rng.random(s.size) < 1 / (1 + np.exp(-logits))).astype(np.float32)
+    return (jnp.asarray(s), jnp.asarray(q)), {"y": jnp.asarray(y)}
+
+
+GYM = {  # name: (model, args, kwargs)
+    "banana": lambda: (banana, (), {}),
+    "ill_conditioned_gaussian": lambda: (
+        ill_conditioned_gaussian,
+        (jnp.asarray(_ill_conditioned_cov(), jnp.float32),),
+        {},
+    ),
+    "funnel": lambda: (funnel, (), {}),
+    "item_response": lambda: (item_response, *_irt_data()),
+}
+SETTINGS = {  # target: (ngvi steps, advi steps)
+    "eight_schools": (400, 6000),
+    "logistic_regression": (1500, 20000),
+    "hierarchical_linear": (600, 20000),
+    "banana": (400, 6000),
+    "ill_conditioned_gaussian": (600, 20000),
+    "funnel": (400, 6000),
+    "item_response": (600, 10000),
+}
+GRID_LR = (0.001, 0.01, 0.05, 0.1)
+GRID_PARTICLES = (1, 8)
+
+
+def load(name: str):
+    return GYM[name]() if name in GYM else models.load(name)
+
+
+# -- Pathfinder ----------------------------------------------------------------------------------
+def pathfinder_row(model, args, kwargs, best: float, seed: int = 0) -> dict | None:
+    """BlackJAX Pathfinder from the guide's start; None when BlackJAX is not installed."""
+    try:
+        import blackjax
+    except ImportError:
+        return None
+    target = MeanFieldGaussian(model).setup(jax.random.PRNGKey(0), args, kwargs)
+    logdensity = lambda z: target.log_density(z, args, kwargs)
+    key = jax.random.PRNGKey(seed)
+    t0 = time.perf_counter()
+    state, info = blackjax.vi.pathfinder.approximate(key, logdensity, jnp.asarray(target.init_z))
+    jax.block_until_ready(state)
+    seconds = time.perf_counter() - t0
+    draws, logq = blackjax.vi.pathfinder.sample(jax.random.PRNGKey(seed + 1), state, 4096)
+    logp = jax.lax.map(logdensity, draws)
+    elbo = float(jnp.mean(logp - logq))
+    evals = int(np.sum(np.isfinite(np.asarray(info.path.elbo))))  # L-BFGS iterations
+    return {
+        "method": "pathfinder",
+        "final_elbo": elbo,
+        "gap_nats": best - elbo,
+        "grad_evals": evals,
+        "seconds_incl_compile": seconds,
+    }
+
+
+# -- the table -----------------------------------------------------------------------------------
+def run_target(name: str, quick: bool) -> dict:
+    ngvi_steps, advi_steps = SETTINGS[name]
+    if quick:
+        ngvi_steps, advi_steps = ngvi_steps // 2, advi_steps // 4
+    model, args, kwargs = load(name)
+    rows, extras = compare_vi(
+        model,
+        *args,
+        ngvi_steps=ngvi_steps,
+        advi_steps=advi_steps,
+        advi_lrs=GRID_LR,
+        advi_particles=GRID_PARTICLES,
+        **kwargs,
+    )
+    best = extras["best_elbo"]
+    for row, trace in zip(rows, extras["traces"]):
+        touch = first_touch(trace.elbo, best, 5.0, trace.steps)
+        row["grad_evals_to_5"] = None if touch is None else touch * trace.grad_evals_per_step
+    pf = pathfinder_row(model, args, kwargs, best)
+    return {"dim": extras["dim"], "best_elbo": best, "rows": rows, "pathfinder": pf}
+
+
+def summary_row(name: str, result: dict) -> dict:
+    rows = result["rows"]
+    ng = next(r for r in rows if r["method"] == "ngvi")
+    best = next((r for r in rows if r.get("best_advi")), None)
+    one = [r for r in rows if r["method"] == "advi" and r["num_particles"] == 1]
+    advi1 = min(one, key=lambda r: r["ms_per_step"]) if one else None
+    pf = result["pathfinder"]
+
+    def ratio(a, b):
+        return None if a is None or b is None or b == 0 else a / b
+
+    return {
+        "target": name,
+        "d": result["dim"],
+        "ngvi_steps": ng["steps_to_0.1"],
+        "advi_steps": best and best["steps_to_0.1"],
+        "step_ratio": ratio(best and best["steps_to_0.1"], ng["steps_to_0.1"]),
+        "time_ratio": ratio(best and best["seconds_to_0.1"], ng["seconds_to_0.1"]),
+        "cost_vs_advi1": ratio(ng["ms_per_step"], advi1 and advi1["ms_per_step"]),
+        "ngvi_evals_to_5": ng["grad_evals_to_5"],
+        "pf_evals": pf and pf["grad_evals"],
+        "pf_gap": pf and pf["gap_nats"],
+    }
+
+
+def main(argv: list[str]) -> None:
+    quick = "--quick" in argv
+    names = [a for a in argv if not a.startswith("--")] or list(SETTINGS)
+    out, summary = {}, []
+    for name in names:
+        t0 = time.perf_counter()
+        out[name] = run_target(name, quick)
+        print(f"\n== {name}: d = {out[name]['dim']} ({time.perf_counter() - t0:.0f} s)")
+        print(format_table(out[name]["rows"]))
+        summary.append(summary_row(name, out[name]))
+    print("\n== summary")
+    print(format_table(summary))
+    meta = {"jax": jax.__version__, "platform": platform.platform(), "quick": quick}
+    meta["protocol"] = __doc__.split("\n\n")[2]
+    path = Path(__file__).parent / "results" / ("gym_quick.json" if quick else "gym.json")
+    path.write_text(json.dumps({"meta": meta, "targets": out, "summary": summary}, indent=2))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
