@@ -17,13 +17,13 @@ import pytest
 from numpyro.infer import init_to_median, init_to_value
 from scipy import special, stats
 
-import models
 from ngvi import (
     NGVI,
     ConvergenceWarning,
     ExpFamilyGuide,
     MeanFieldGaussian,
     NGVIWarning,
+    models,
 )
 from ngvi.engine.diagnose import CAUSES, fit_error_message
 from ngvi.engine.infer import NGVIInfo
