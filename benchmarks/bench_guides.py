@@ -114,7 +114,7 @@ def _ngvi_trace(model, args, kwargs, steps, every, options):
     engine = NGVI(model, guide)
     key = jax.random.PRNGKey(0)
     t0 = time.perf_counter()
-    engine.run(key, every, *args, progress_bar=False, chunk_size=every, **kwargs)
+    engine.run(key, every, *args, progress_bar=False, chunk_size=every, tol=None, **kwargs)
     compile_s = time.perf_counter() - t0
     state, trace = engine.init(key, *args, **kwargs), []
 
@@ -124,8 +124,9 @@ def _ngvi_trace(model, args, kwargs, steps, every, options):
         trace.append((int(st.step), time.perf_counter() - t_start, st.avg_params["loc"], root))
 
     t_start = time.perf_counter()
+    # a trace of fixed length: no convergence check
     engine.run(None, steps, *args, init_state=state, progress_bar=False, chunk_size=every,
-               callback=record, **kwargs)  # fmt: skip
+               callback=record, tol=None, **kwargs)  # fmt: skip
     return guide.target, trace, compile_s
 
 

@@ -17,13 +17,13 @@ import pytest
 from numpyro.infer import init_to_median, init_to_value
 from scipy import special, stats
 
-import models
 from ngvi import (
     NGVI,
     ConvergenceWarning,
     ExpFamilyGuide,
     MeanFieldGaussian,
     NGVIWarning,
+    models,
 )
 from ngvi.engine.diagnose import CAUSES, fit_error_message
 from ngvi.engine.infer import NGVIInfo
@@ -71,11 +71,12 @@ def test_convergence_bound_reads_the_tail():
     """Twice the last change's upper bound for a 1/P tail; more when the last two changes show a
     slower tail; infinite when the fit did not slow down; NaN is never converged."""
     assert convergence_bound(0.01, 0.005, math.nan, math.nan) == pytest.approx(0.04)
-    assert convergence_bound(0.01, 0.005, 0.001, 0.01) == pytest.approx(0.04)  # flat before
+    assert convergence_bound(0.01, 0.005, 0.015, 0.01) == pytest.approx(0.04)  # flat before
     assert convergence_bound(0.01, 0.0, 0.1, 0.0) == pytest.approx(0.02)  # fast: factor 2
-    slow = convergence_bound(0.08, 0.0, 0.1, 0.0)  # r = 0.8: r / (1 - r) = 4
-    assert slow == pytest.approx(0.32)
+    slow = convergence_bound(0.08, 0.01, 0.1, 0.01)  # r = 0.8: r / (1 - r) = 4
+    assert slow == pytest.approx(4 * 0.1)
     assert convergence_bound(0.1, 0.0, 0.1, 0.0) == math.inf
+    assert convergence_bound(-0.2, 0.0, 0.1, 0.0) == math.inf  # worse than before: not slowing
     assert convergence_bound(math.nan, 0.0, 0.1, 0.0) == math.inf
 
 

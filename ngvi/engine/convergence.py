@@ -73,9 +73,11 @@ def run_check(
     diffs, excess = [], []
     while True:
         for k in jax.random.split(jax.random.fold_in(base, len(diffs)), batch):
-            new_loss = evaluate(state, k)
-            diffs.append(evaluate(old, k) - new_loss)  # ELBO(avg now) - ELBO(avg then)
-            excess.append(evaluate(now, k) - new_loss)  # ELBO(avg now) - ELBO(iterate)
+            # one computation in flight at a time: XLA's CPU collectives (data sharded over
+            # several devices) can deadlock on interleaved launches of different programs
+            new_loss = jax.block_until_ready(evaluate(state, k))
+            diffs.append(jax.block_until_ready(evaluate(old, k)) - new_loss)  # new - then
+            excess.append(jax.block_until_ready(evaluate(now, k)) - new_loss)  # new - iterate
         change, se, _ = elbo_change(jnp.stack(diffs))
         floor = noise_floor(state, float(np.nanmean(np.asarray(jnp.stack(excess)))), average)
         bound = convergence_bound(change, se, *prev) + floor

@@ -381,10 +381,10 @@ class NGVI:
         changes over the last windows (each the last third of the run) with about 95% confidence
         and its noise floor (see the module docstring; ``result.checks`` lists the checks).
         ``converged=True`` means that check passed; on models with a known optimum such fits
-        lie within ``tol`` nats of their family's optimum. A run that
-        ends without passing it warns (``ngvi.ConvergenceWarning``) naming the likely cause and
-        the fix; ``num_steps`` is then a budget, not a target. Ctrl-C returns the partial result
-        with the last good state. A converged ``init_state`` is continued: its check restarts.
+        lie within ``tol`` nats of their family's optimum. A run that ends without passing it
+        warns (``ngvi.ConvergenceWarning``) naming the likely cause and the fix; ``num_steps``
+        is a budget, not a target. Ctrl-C returns the partial result with the last good state.
+        A converged ``init_state`` is continued: its check restarts.
 
         With ``checkpoint=path`` the state is written there atomically every ``checkpoint_every``
         steps (default: every chunk) and at the end, and ``num_steps`` counts from the start of

@@ -241,16 +241,15 @@ def convergence_bound(change: float, se: float, previous: float, previous_se: fl
     An average of iterates converges no faster than ``1/P`` in its tail (the average's window
     grows with the run), and with windows growing by 1.5 a ``1/P`` tail leaves twice the last
     window's change to gain: ``2 c``. A slower tail shows in the ratio of the two changes,
-    ``r = c / c_prev`` (upper confidence bound over lower), which a power law keeps for every
-    later window: ``c r / (1 - r)`` is left. So the bound is ``max(2, r / (1 - r)) (|c| + 2 se)``
-    with ``r`` counted only when the previous change is significant (a previous window already
-    flat says the tail is over), and infinite when ``r >= 1`` (the fit is not slowing down)."""
+    ``r = |c| / |c_prev|``, which a power law keeps for every later window: ``c r / (1 - r)`` is
+    left. So the bound is ``max(2, r / (1 - r)) (|c| + 2 se)``, with ``r`` counted only when the
+    previous change is significant (``|c_prev| > 2 se_prev``: a window already flat says the
+    tail is over), and infinite when ``r >= 1`` (the fit is not slowing down)."""
     upper = abs(change) + 2.0 * se
     if not math.isfinite(upper):
         return math.inf
     factor = 2.0
-    lower_prev = abs(previous) - 2.0 * previous_se
-    if math.isfinite(lower_prev) and lower_prev > 0:
-        r = upper / lower_prev
+    if math.isfinite(previous) and abs(previous) > 2.0 * previous_se:
+        r = abs(change) / abs(previous)
         factor = math.inf if r >= 1 else max(factor, r / (1.0 - r))
     return factor * upper

@@ -84,6 +84,11 @@ class Guide:
     #: loss alone; False for directions from other estimators (see ``NGVI``'s accept rule).
     crn_descent: bool = True
 
+    #: False for a guide whose initial q does not follow ``init_z`` where it matters (K-FAC's
+    #: layers start from their own fan-in scaled draws), so scoring candidate starts, which
+    #: traces the model op by op, would only cost time: ``choose_start`` keeps the layout's.
+    chooses_start: bool = True
+
     def __init__(self, model: Callable, *, init_strategy: Callable | None = None):
         if not callable(model):
             raise ConfigError(f"model must be a callable NumPyro model, got {model!r}.")
@@ -134,7 +139,7 @@ class Guide:
         one fixed set of 8 draws (common random numbers); candidates with a non-finite score are
         left out, and the layout's own point stays when none is better."""
         target = self.target
-        if self.user_init_strategy is not None:
+        if self.user_init_strategy is not None or not self.chooses_start:
             return target
         others = init_candidates(target, args, kwargs, [s for _, s in DEFAULT_STARTS[1:]], rng_key)
         found = [(n, z) for (n, _), z in zip(DEFAULT_STARTS[1:], others) if z is not None]

@@ -120,6 +120,8 @@ class KFACGuide(Guide):
         a minute on a busy CPU for a BNN); ``False`` runs the full checks.
     """
 
+    chooses_start = False  # the layers start from their own draws (Guide.chooses_start)
+
     def __init__(
         self,
         model: Callable,
