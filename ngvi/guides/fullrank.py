@@ -78,7 +78,7 @@ __all__ = [
 _LOG_2PIE = math.log(2 * math.pi * math.e)
 _HESSIANS = ("auto", "stein", "exact")
 AUTO_EXACT_MAX_DIM = 200  # hessian="auto": exact Hessians up to this latent dimension
-JITTER_TRIES = 9  # jitters eps * 10^j * scale, j = 0..8, before a step is given up as not finite
+JITTER_TRIES = 5  # jitters eps * 10^j * scale, j = 0..4: rounding, not a saddle (that step fails)
 NEAR_SINGULAR = 0.1  # warn once cond(S) * eps exceeds this: H's rounding is 10% of its weakest
 
 
