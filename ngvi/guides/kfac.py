@@ -157,18 +157,12 @@ class KFACGuide(Guide):
 
     @property
     def engine_defaults(self) -> dict:
-        """``lr=0.1, num_particles=1``: the settings of minibatch BNN training (VOGN, Khan et al.
+        """``lr=0.1, num_particles=1``, the settings of minibatch BNN training (VOGN, Khan et al.
         2018; IVON, Shen et al. 2024), used by ``NGVI(model, KFACGuide(model))`` unless given.
-
-        * one weight sample per step: on a minibatch the Monte Carlo noise of the weight sample
-          is small next to the minibatch noise (the Fisher factors and the mean gradient are
-          averaged over ``B`` examples and, by the running averages and the iterate average,
-          over steps), and every particle costs a forward and a backward pass plus a forward
-          pass for the engine's accept test; the antithetic pairs that make 8 particles exact on
-          a quadratic log density buy nothing when the minibatch changes every step;
-        * ``lr=0.1``: the natural step is taken on one minibatch's estimate; a unit step would
-          jump to that minibatch's optimum (measured: rejected steps and a damping spiral), 0.1
-          averages about ten minibatches, like the step size of VOGN/IVON."""
+        One weight sample: its Monte Carlo noise is small next to the minibatch's (the factors and
+        the mean gradient average over the batch and, by the running and iterate averages, over
+        steps), and each particle costs a forward and backward pass. ``lr=0.1``: a unit step
+        jumps to one minibatch's optimum (measured: rejections and a damping spiral)."""
         return {"lr": 0.1, "num_particles": 1}
 
     # -- layout -------------------------------------------------------------------------------
