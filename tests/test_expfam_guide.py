@@ -11,9 +11,10 @@ import numpy as np  # noqa: E402
 import numpyro  # noqa: E402
 import numpyro.distributions as dist  # noqa: E402
 import pytest  # noqa: E402
+from jax.scipy.special import xlogy  # noqa: E402
 from numpy.polynomial.hermite_e import hermegauss  # noqa: E402
 from numpyro.distributions.transforms import biject_to  # noqa: E402
-from numpyro.infer import Predictive, init_to_uniform  # noqa: E402
+from numpyro.infer import Predictive, init_to_median, init_to_uniform  # noqa: E402
 
 import ngvi.families as fam  # noqa: E402
 from ngvi import (  # noqa: E402
@@ -152,8 +153,8 @@ def test_entropy_on_the_unconstrained_scale_matches_monte_carlo():
     for f in guide.factors:  # constrained draws, in the support, of the site's shape
         x = draws[f.site.name]
         assert x.shape == (n,) + f.site.shape and bool(jnp.all(f.site.support(x))), f.site.name
-    z = guide._to_flat(draws)  # every factor here lives on the constrained scale or on R
-    lq = jax.jit(guide.flat_distribution(params).log_prob)(z)
+    q = guide.flat_distribution(params)  # q_u on the flat unconstrained vector
+    lq = jax.jit(q.log_prob)(jax.jit(lambda k: q.sample(k, (n,)))(KEY))
     assert float(guide.entropy(params)) == pytest.approx(-float(jnp.mean(lq)), abs=0.03)
 
 
@@ -192,6 +193,100 @@ def test_mixed_model_run_sample_posterior_and_predictive():
     params = guide.numpyro_params(result.params)
     pred = Predictive(model, guide=guide, params=params, num_samples=30)(KEY, *args)
     assert pred["y"].shape == (30, 8) and bool(jnp.all(jnp.isfinite(pred["y"])))
+
+
+def _one_pathwise_step(model, args, kwargs, control_variate):
+    """One unit natural step from the initial factor with the pathwise estimator on 8 draws,
+    the gradient from the guide's ``value_and_grad`` (as the engine calls it)."""
+    guide = ExpFamilyGuide(model, estimator="pathwise", control_variate=control_variate)
+    guide.setup(KEY, args, kwargs)
+    engine = NGVI(model, guide)
+    ctx = StepContext(guide.base_noise(KEY, 8), (args, kwargs), None, None)
+
+    def step(p, c):
+        loss = lambda q: engine._neg_elbo_and_logp(q, c.eps, c.data, None)
+        _, grad, _ = guide.value_and_grad(loss, p, 0, c)
+        return guide.natural_step(p, grad, 1.0, 0.0, 0, c)
+
+    return guide, jax.jit(step)(guide.init_params(guide.target), ctx)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.slow)
+        if n in ("beta_bernoulli", "dirichlet_categorical")
+        else n
+        for n in CONJUGATE
+    ],
+)
+def test_pathwise_with_the_linear_control_variate_is_exact_in_one_step(name):
+    """For a conjugate site log p(u) is linear in T(u), so the leave-one-out fit of the draws'
+    gradients recovers its coefficients c exactly, the residual the pathwise estimator sees is
+    zero, and one unit natural step (nat = c - eta) lands on the exact posterior, as the
+    regression estimator's does; plain pathwise (control_variate="none") does not."""
+    model, args, kwargs = models.load(name)
+    site, keys = CONJUGATE[name]
+    exact = models.load_module(name).exact_posterior(*args, **kwargs)[site]
+    for cv in ("loo", "none"):
+        guide, params = _one_pathwise_step(model, args, kwargs, cv)
+        (factor,) = guide.factors
+        got = factor.family.standard(guide._etas(params)[0])
+        errs = [float(jnp.max(jnp.abs(v / exact[k] - 1))) for k, v in zip(keys, got)]
+        if cv == "loo":
+            assert max(errs) < 1e-6, errs
+        else:
+            assert max(errs) > 1e-3, errs
+
+
+def test_sparse_dirichlet_starts_valid_in_float64():
+    """Dirichlet(0.01 ones(50)): NumPyro's median start has components far below eps (1e-56);
+    eta = kappa x0 - 1 rounded to -1, alpha = 0 (the domain's edge), and NaN from step 0 in
+    float64 too. The start is formed in log space with concentrations floored at 1."""
+
+    def model(cats):
+        pi = numpyro.sample("pi", dist.Dirichlet(0.01 * jnp.ones(50)))
+        with numpyro.plate("c", cats.shape[0]):
+            numpyro.sample("cat", dist.Categorical(pi), obs=cats)
+
+    guide = ExpFamilyGuide(model, init_strategy=init_to_median(num_samples=15))
+    guide.setup(KEY, (jnp.arange(10) % 5,))
+    x0 = guide.constrain(guide.target.init_z)["pi"]
+    kappa = guide.init_scale**-2
+    assert float(kappa * jnp.min(x0)) < float(jnp.finfo(x0.dtype).eps)  # the start that broke it
+    (alpha,) = guide.factors[0].family.standard(guide._etas(guide.init_params(guide.target))[0])
+    assert bool(jnp.all(jnp.isfinite(alpha))) and float(jnp.min(alpha)) >= 1.0
+
+
+def sparse_sites(counts, heads, tails, events, n):
+    """Sparse Dirichlet, Beta and Gamma sites, each conjugate to its own data (factors of the
+    log-likelihood written out), so the mean-field posterior is exact."""
+    pi = numpyro.sample("pi", dist.Dirichlet(0.01 * jnp.ones(counts.shape[0])))
+    p = numpyro.sample("p", dist.Beta(0.02, 0.02))
+    lam = numpyro.sample("lam", dist.Gamma(0.05, 0.05))
+    numpyro.factor("cats", jnp.sum(xlogy(counts, pi)))  # 0 log 0 = 0 for underflowed pi_k
+    numpyro.factor("flips", heads * jnp.log(p) + tails * jnp.log1p(-p))
+    numpyro.factor("events", events * jnp.log(lam) - n * lam)
+
+
+@pytest.mark.slow  # ~30 s of compiles (Gamma / Beta / Dirichlet samplers and their gradients)
+def test_sparse_sites_reach_their_exact_posteriors_in_float64():
+    """Dirichlet(0.01 ones(50)) with 40 empty categories, Beta(0.02, 0.02), Gamma(0.05, 0.05)
+    from NumPyro's median start: Dirichlet(0.01 + counts) x Beta(0.02 + 10, 0.02 + 2) x
+    Gamma(0.05 + 4, 0.05 + 8) to 1% (tests/test_expfam_float32.py does the same in float32)."""
+    counts = np.bincount(np.random.default_rng(0).integers(0, 10, 200), minlength=50)
+    data = (jnp.asarray(counts, float), 10.0, 2.0, 4.0, 8.0)
+    model = sparse_sites
+    guide = ExpFamilyGuide(model, init_strategy=init_to_median(num_samples=15))
+    result = NGVI(model, guide).run(KEY, 60, *data, progress_bar=False)
+    assert bool(jnp.all(jnp.isfinite(result.losses)))
+    fit = {
+        f.site.name: f.family.standard(e) for f, e in zip(guide.factors, guide._etas(result.params))
+    }
+    exact = {"pi": (0.01 + counts,), "p": (10.02, 2.02), "lam": (4.05, 8.05)}
+    for name, want in exact.items():
+        for got, ref in zip(fit[name], want, strict=True):
+            np.testing.assert_allclose(np.asarray(got), ref, rtol=0.01, err_msg=name)
 
 
 def test_score_estimator_is_unbiased_and_its_control_variate_cuts_the_variance():

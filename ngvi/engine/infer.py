@@ -114,10 +114,12 @@ class NGVIRunResult(NamedTuple):
 class NGVI:
     """Natural-gradient variational inference for a NumPyro ``model`` with an ngvi ``guide``.
 
-    :param lr: natural step size; 1.0 is the unit natural step and the default for every model.
+    :param lr: natural step size; 1.0 is the unit natural step. None (default): the guide's
+        ``engine_defaults["lr"]`` if it states one (``KFACGuide``: 0.1), else 1.0.
     :param damping: initial (and minimum) damping; how it enters the step is the guide's closed
         form (see each guide).
-    :param num_particles: Monte Carlo samples per step (antithetic pairs when even).
+    :param num_particles: Monte Carlo samples per step (antithetic pairs when even). None
+        (default): the guide's ``engine_defaults["num_particles"]`` (``KFACGuide``: 1), else 8.
     :param adapt_damping: Levenberg-Marquardt adaptation of the damping.
     :param average: decay of the moving average of iterates reported as the fit (0 = last iterate).
     :param max_rejections: consecutive rejected steps after which ``run`` stops with ``FitError``.
@@ -133,25 +135,26 @@ class NGVI:
         model: Callable,
         guide: Guide,
         *,
-        lr: float = 1.0,
+        lr: float | None = None,
         damping: float = 0.0,
-        num_particles: int = 8,
+        num_particles: int | None = None,
         adapt_damping: bool = True,
         average: float = 0.99,
         max_rejections: int = 50,
         max_kl: float | None = None,
     ):
+        if not isinstance(guide, Guide):
+            raise ConfigError(
+                f"guide must be an ngvi guide (e.g. ngvi.MeanFieldGaussian(model)), got "
+                f"{type(guide).__name__}; for NumPyro autoguides use ngvi.advi."
+            )
+        lr, num_particles = _engine_defaults(guide, lr=lr, num_particles=num_particles)
         _check_hyper(lr, damping, num_particles, average, max_rejections)
         if max_kl is not None and not (
             isinstance(max_kl, (int, float)) and math.isfinite(max_kl) and max_kl > 0
         ):
             raise ConfigError(
                 f"max_kl must be None or a positive finite number (nats per step), got {max_kl!r}."
-            )
-        if not isinstance(guide, Guide):
-            raise ConfigError(
-                f"guide must be an ngvi guide (e.g. ngvi.MeanFieldGaussian(model)), got "
-                f"{type(guide).__name__}; for NumPyro autoguides use ngvi.advi."
             )
         if guide.model is not model:
             raise ConfigError(
@@ -516,6 +519,23 @@ def _progress(total: int, enabled: bool):
 
 def params_dtype(params) -> Any:
     return jax.tree.leaves(params)[0].dtype
+
+
+_ENGINE_DEFAULTS = {"lr": 1.0, "num_particles": 8}  # when neither the user nor the guide says
+
+
+def _engine_defaults(guide: Guide, **given) -> tuple:
+    """Each of ``given`` (lr, num_particles) as the user set it, else the guide's
+    ``engine_defaults``, else ``_ENGINE_DEFAULTS``; a guide naming another key is a ConfigError."""
+    stated = dict(guide.engine_defaults)
+    unknown = sorted(set(stated) - set(_ENGINE_DEFAULTS))
+    if unknown:
+        raise ConfigError(
+            f"{type(guide).__name__}.engine_defaults names {unknown}, which NGVI does not take "
+            f"from a guide; it takes {sorted(_ENGINE_DEFAULTS)}."
+        )
+    pick = lambda k: given[k] if given[k] is not None else stated.get(k, _ENGINE_DEFAULTS[k])
+    return tuple(pick(k) for k in given)
 
 
 def _check_hyper(lr, damping, num_particles, average, max_rejections) -> None:

@@ -100,6 +100,14 @@ class Guide:
         self._target: Target | None = None
         self._data: tuple = ((), {})  # the (args, kwargs) of the last setup
 
+    @property
+    def engine_defaults(self) -> dict:
+        """The ``NGVI`` settings this family needs, ``{"lr": ..., "num_particles": ...}`` (either
+        key may be absent): ``NGVI(model, guide)`` uses them for every argument the user leaves
+        at None, and its own defaults (``lr=1.0``, ``num_particles=8``) for the rest. The base
+        family needs nothing beyond those."""
+        return {}
+
     # -- layout ---------------------------------------------------------------------------
     def setup(self, rng_key: jax.Array, args: tuple = (), kwargs: dict | None = None) -> Target:
         """Lay out the model's latent space (once) and return the ``Target``."""

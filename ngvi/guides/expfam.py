@@ -45,127 +45,49 @@ formulas and their variances are in ``ngvi.guides.expfam_estimators``), for
 ``q_u(u) = q_x(x) |dT/du|``, so ``H[q_u] = H[q_x] - E[log |dT/du|]``. For numpyro's bijections the
 log-Jacobian is linear in the sufficient statistics, so the expectation is closed form:
 ``exp``: ``log x``; ``sigmoid``: ``log x + log(1 - x)``; stick-breaking: ``sum_k log x_k``.
+Draws, starts and this entropy are computed in log space, so sparse sites (concentrations far
+below 1) stay finite in float32: ``ngvi.guides.expfam_factors``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
-from jax.scipy.special import digamma
 from numpyro.distributions import constraints
-from numpyro.distributions.transforms import (
-    ExpTransform,
-    IndependentTransform,
-    SigmoidTransform,
-    StickBreakingTransform,
-    biject_to,
-)
+from numpyro.distributions.transforms import biject_to
 
 from ngvi.errors import ConfigError
-from ngvi.families import Beta, DiagGaussian, Dirichlet, ExpFamily, Exponential, Gamma
 from ngvi.guides.base import Guide, check_quantiles, default_precision_schedule
 from ngvi.guides.expfam_estimators import (
     CONTROL_VARIATES,
+    linear_cv_coefficients,
     regression_natural_params,
     score_natural_gradient,
 )
-from ngvi.model.target import Site, Target
+from ngvi.guides.expfam_factors import (
+    DOMAIN,
+    SiteFactor,
+    base_transform,
+    default_family,
+    draw_unconstrained,
+    entropy_unconstrained,
+    family_name,
+    make_factor,
+    start_natural,
+    stats_and_log_jacobian,
+    stats_jacobian,
+    step_fraction,
+)
+from ngvi.model.target import Target
 
 __all__ = ["ExpFamilyGuide", "SiteFactor", "regression_natural_params"]
 
 _ESTIMATORS = ("auto", "regression", "pathwise", "score")
-_ALIASES = {"gaussian": "gaussian", "normal": "gaussian", "diaggaussian": "gaussian"}
-_ALIASES.update({k: k for k in ("gamma", "beta", "dirichlet", "exponential")})
-# family -> the bijection it needs (None: any; the Gaussian lives on unconstrained coordinates)
-_NEEDS = {"gamma": ExpTransform, "exponential": ExpTransform, "beta": SigmoidTransform}
-_NEEDS.update({"dirichlet": StickBreakingTransform, "gaussian": None})
-_DEFAULT = {ExpTransform: "gamma", SigmoidTransform: "beta", StickBreakingTransform: "dirichlet"}
-# natural-parameter domain per leaf: (lower, upper) bounds, None for unbounded
-_DOMAIN = {
-    "gaussian": ((None, None), (None, 0.0)),
-    "gamma": ((-1.0, None), (None, 0.0)),
-    "exponential": ((None, 0.0),),
-    "beta": ((-1.0, None), (-1.0, None)),
-    "dirichlet": ((-1.0, None),),
-}
-
-
-class SiteFactor(NamedTuple):
-    """One latent site's factor: the family, where it lives and its batch shape."""
-
-    site: Site
-    name: str  # "gaussian", "gamma", "exponential", "beta" or "dirichlet"
-    family: ExpFamily
-    batch_shape: tuple[int, ...]  # independent factors in the site
-
-    @property
-    def on_unconstrained(self) -> bool:
-        return self.name == "gaussian"
-
-    def keys(self) -> list[str]:
-        return [f"{self.site.name}.eta{i}" for i in range(len(self.family.param_shapes))]
-
-
-def _base_transform(support) -> Any:
-    t = biject_to(support)
-    return t.base_transform if isinstance(t, IndependentTransform) else t
-
-
-def _family_name(spec: Any) -> str:
-    """Normalize a per-site family spec (name, ``ngvi.families`` class or instance)."""
-    if isinstance(spec, ExpFamily):
-        spec = type(spec)
-    if isinstance(spec, type):
-        spec = spec.__name__
-    name = _ALIASES.get(str(spec).lower()) if isinstance(spec, str) else None
-    if name is None:
-        raise ConfigError(
-            f"unknown family {spec!r}: use one of 'gaussian', 'gamma', 'exponential', 'beta', "
-            "'dirichlet' (or the ngvi.families class)."
-        )
-    return name
-
-
-def _make_factor(site: Site, name: str) -> SiteFactor:
-    need = _NEEDS[name]
-    if need is not None and not isinstance(_base_transform(site.support), need):
-        raise ConfigError(
-            f"site '{site.name}' has support {site.support}, which the {name} family does not "
-            "cover: use 'gaussian' (on the unconstrained scale) or the family matching the support."
-        )
-    if name == "gaussian":
-        return SiteFactor(site, name, DiagGaussian(), tuple(site.unconstrained_shape))
-    if name == "dirichlet":
-        return SiteFactor(site, name, Dirichlet(site.shape[-1]), tuple(site.shape[:-1]))
-    family = {"gamma": Gamma(), "exponential": Exponential(), "beta": Beta()}[name]
-    return SiteFactor(site, name, family, tuple(site.shape))
-
-
-def _expected_log_jacobian(factor: SiteFactor, eta: tuple) -> jax.Array:
-    """E_q[log |dT/du|] for the factor's bijection (module docstring), summed over the site."""
-    if factor.on_unconstrained:
-        return jnp.zeros(())
-    if factor.name == "exponential":  # E[log x] = psi(1) - log(rate)
-        return jnp.sum(digamma(1.0) - jnp.log(-eta[0]))
-    m = factor.family.natural_to_mean(eta)
-    if factor.name == "gamma":  # T = (log x, x): E log x
-        return jnp.sum(m[0])
-    return sum(jnp.sum(leaf) for leaf in m)  # beta: E log x + E log(1-x); dirichlet: sum E log x
-
-
-def _factor_entropy(factor: SiteFactor, eta: tuple) -> jax.Array:
-    """H[q_x] = A(eta) - <eta, m> - E[log h], summed over the site's factors."""
-    fam = factor.family
-    h = jnp.sum(fam.log_partition(eta) - fam.inner(eta, fam.natural_to_mean(eta)))
-    if factor.on_unconstrained:  # log h = -log(2 pi) / 2 per element
-        h = h + 0.5 * math.log(2 * math.pi) * math.prod(factor.batch_shape)
-    return h
 
 
 def _check_particles(factor: SiteFactor, num: int, need: int, estimator: str) -> None:
@@ -177,23 +99,6 @@ def _check_particles(factor: SiteFactor, num: int, need: int, estimator: str) ->
         )
 
 
-def _step_fraction(factor: SiteFactor, eta: tuple, delta: tuple) -> jax.Array:
-    """Per-factor fraction t in (0, 1] so that eta + t delta stays in the domain: 1 when the
-    full step is valid, else half the distance to the nearest boundary."""
-    t = jnp.ones(factor.batch_shape)
-    for (lo, hi), v, d, shape in zip(
-        _DOMAIN[factor.name], eta, delta, factor.family.param_shapes, strict=True
-    ):
-        axes = tuple(range(v.ndim - len(shape), v.ndim))
-        for bound, sign in ((lo, 1.0), (hi, -1.0)):
-            if bound is None:
-                continue
-            gap, move = sign * (v - bound), sign * d  # gap > 0; the step is bad if gap+move <= 0
-            cut = jnp.where(gap + move > 0, 1.0, 0.5 * gap / jnp.where(move < 0, -move, 1.0))
-            t = jnp.minimum(t, jnp.min(cut, axis=axes) if axes else cut)
-    return t
-
-
 class ExpFamilyGuide(Guide):
     """Mean-field guide with an exponential-family factor per latent site (module docstring).
 
@@ -202,8 +107,10 @@ class ExpFamilyGuide(Guide):
         an unknown site name raises ``ConfigError`` at setup.
     :param estimator: ``"auto"`` (default), ``"regression"``, ``"pathwise"`` or ``"score"``, or
         a dict ``{site name: estimator}`` (sites it does not name use ``"auto"``).
-    :param control_variate: the score estimator's baseline, ``"loo"`` (leave-one-out, default)
-        or ``"none"`` (for comparison only: far noisier).
+    :param control_variate: ``"loo"`` (default): the score estimator's leave-one-out baseline
+        and the pathwise estimator's leave-one-out linear control variate
+        (``expfam_estimators.linear_cv_coefficients``); ``"none"``: neither (plain estimators,
+        for comparison only: far noisier).
     :param init_scale: the initial factors have mean at the model's initial point and a
         coefficient of variation (Gaussian: sd on the unconstrained scale) of about ``init_scale``.
     """
@@ -233,7 +140,7 @@ class ExpFamilyGuide(Guide):
             )
         if not (isinstance(init_scale, (int, float)) and 0 < init_scale < math.inf):
             raise ConfigError(f"init_scale must be a positive finite number, got {init_scale!r}.")
-        self.families = {k: _family_name(v) for k, v in (families or {}).items()}
+        self.families = {k: family_name(v) for k, v in (families or {}).items()}
         self.estimator = dict(estimator) if isinstance(estimator, dict) else estimator
         self.control_variate = control_variate
         self.init_scale = float(init_scale)
@@ -252,13 +159,9 @@ class ExpFamilyGuide(Guide):
                     f"sites are {names}."
                 )
         self.factors = tuple(
-            _make_factor(s, self.families.get(s.name) or self._default(s)) for s in target.sites
+            make_factor(s, self.families.get(s.name) or default_family(s)) for s in target.sites
         )
         return target
-
-    @staticmethod
-    def _default(site: Site) -> str:
-        return _DEFAULT.get(type(_base_transform(site.support)), "gaussian")
 
     def estimator_for(self, factor: SiteFactor, num_particles: int | None = None) -> str:
         """The estimator a factor uses (module docstring): ``"auto"`` is regression for a single
@@ -282,39 +185,29 @@ class ExpFamilyGuide(Guide):
 
     @property
     def crn_descent(self) -> bool:
-        """Only pathwise directions are descent steps on the engine's common-random-numbers loss;
-        regression and score-function directions are judged within its Monte Carlo error."""
-        return self.resolved_estimator == "pathwise"
+        """Only plain pathwise directions are descent steps on the engine's common-random-numbers
+        loss; regression, score-function and control-variate directions are judged within its
+        Monte Carlo error."""
+        return self.resolved_estimator == "pathwise" and self.control_variate == "none"
 
     def _etas(self, params: dict) -> list[tuple]:
         return [tuple(params[k] for k in f.keys()) for f in self.factors]
 
     # -- family ---------------------------------------------------------------------------------
     def init_params(self, target: Target) -> dict:
+        """Every factor centred at the model's initial point (``start_natural``: formed in log
+        space, so a sparse Dirichlet / Beta / Gamma site starts valid in float32 too)."""
         unc = target.unravel(jnp.asarray(target.init_z))
         params = {}
         for f in self.factors:
-            u0 = unc[f.site.name]
-            eta = self._init_eta(f, u0, biject_to(f.site.support)(u0))
+            eta = start_natural(f, unc[f.site.name], self.init_scale)
             params.update(dict(zip(f.keys(), eta, strict=True)))
         return params
-
-    def _init_eta(self, f: SiteFactor, u0, x0) -> tuple:
-        kappa = self.init_scale**-2
-        if f.name == "gaussian":
-            return f.family.from_standard(u0, jnp.full_like(u0, self.init_scale))
-        if f.name == "gamma":
-            return f.family.from_standard(jnp.full_like(x0, kappa), kappa / x0)
-        if f.name == "exponential":
-            return f.family.from_standard(1.0 / x0)
-        if f.name == "beta":
-            return f.family.from_standard(kappa * x0, kappa * (1.0 - x0))
-        return f.family.from_standard(kappa * x0)
 
     def _param_specs(self, target, init):
         specs = {}
         for f in self.factors:
-            for key, (lo, hi) in zip(f.keys(), _DOMAIN[f.name], strict=True):
+            for key, (lo, hi) in zip(f.keys(), DOMAIN[f.name], strict=True):
                 c = (
                     constraints.real
                     if lo is None and hi is None
@@ -329,42 +222,31 @@ class ExpFamilyGuide(Guide):
         return jax.random.split(rng_key, num_particles)
 
     def _draw_one(self, params: dict, key: jax.Array) -> dict:
-        """One draw of every factor, in the factor's own space (Gaussian: unconstrained)."""
+        """One draw of every factor on its site's unconstrained scale (log space)."""
         return {
-            f.site.name: f.family.sample(jax.random.fold_in(key, i), eta)
+            f.site.name: draw_unconstrained(f, jax.random.fold_in(key, i), eta)
             for i, (f, eta) in enumerate(zip(self.factors, self._etas(params)))
         }
 
-    def _to_flat(self, xs: dict) -> jax.Array:
-        """Factor-space draws (P, ...) -> flat unconstrained vectors (P, d)."""
-        parts = []
-        for f in self.factors:
-            x = xs[f.site.name]
-            u = x if f.on_unconstrained else biject_to(f.site.support).inv(x)
-            parts.append(u.reshape(x.shape[0], -1))
-        return jnp.concatenate(parts, axis=-1)
+    def _to_flat(self, us: dict) -> jax.Array:
+        """Unconstrained draws per site (P, ...) -> flat vectors (P, d)."""
+        return jnp.concatenate(
+            [us[f.site.name].reshape(us[f.site.name].shape[0], -1) for f in self.factors], axis=-1
+        )
 
-    def _log_jacobian(self, xs: dict) -> jax.Array:
+    def _log_jacobian(self, us: dict) -> jax.Array:
         """log |dT/du| per draw (P,), summed over the sites whose factor is on x = T(u)."""
-        total = 0.0
-        for f in self.factors:
-            if f.on_unconstrained:
-                continue
-            x = xs[f.site.name]
-            t = biject_to(f.site.support)
-            ld = t.log_abs_det_jacobian(t.inv(x), x)
-            total = total + ld.reshape(x.shape[0], -1).sum(-1)
-        return total
+        return sum(stats_and_log_jacobian(f, us[f.site.name])[1] for f in self.factors)
 
     def reparam(self, params: dict, eps: jax.Array) -> jax.Array:
-        xs = jax.vmap(lambda k: self._draw_one(params, k))(eps)
-        return self._to_flat(xs)
+        us = jax.vmap(lambda k: self._draw_one(params, k))(eps)
+        return self._to_flat(us)
 
     def entropy(self, params: dict) -> jax.Array:
-        """H[q_u] = sum over sites of H[q_x] - E[log |dT/du|] (closed form)."""
+        """H[q_u] = sum over sites of H[q_x] - E[log |dT/du|] (closed form, without
+        cancellation: ``expfam_factors.entropy_unconstrained``)."""
         return sum(
-            _factor_entropy(f, eta) - _expected_log_jacobian(f, eta)
-            for f, eta in zip(self.factors, self._etas(params))
+            entropy_unconstrained(f, eta) for f, eta in zip(self.factors, self._etas(params))
         )
 
     def kl(self, p: dict, q: dict) -> jax.Array:
@@ -378,7 +260,43 @@ class ExpFamilyGuide(Guide):
         """q_u over the flat unconstrained vector (sampling and log density)."""
         return _FlatExpFamily(self, params)
 
-    # -- the natural step -----------------------------------------------------------------------
+    # -- the gradient and the natural step ------------------------------------------------------
+    def value_and_grad(self, loss_and_logp, params: dict, step, ctx):
+        """``((-ELBO, log p per draw), grad, None)``: the reported loss is the plain Monte Carlo
+        -ELBO at ``params``; the gradient of pathwise factors carries the leave-one-out linear
+        control variate (``expfam_estimators``; unbiased), the model's gradient taken once per
+        draw. Without pathwise factors, or with fewer than 2 draws, the engine's autodiff."""
+        num = ctx.eps.shape[0]
+        cv = [self.estimator_for(f, num) == "pathwise" for f in self.factors]
+        if self.control_variate == "none" or num < 2 or not any(cv):
+            return super().value_and_grad(loss_and_logp, params, step, ctx)
+        args, kwargs = ctx.data
+        us, draws_vjp = jax.vjp(lambda p: jax.vmap(lambda k: self._draw_one(p, k))(ctx.eps), params)
+        log_density = lambda z: self.target.log_density(z, args, kwargs, ctx.model_key)
+        logp, dlogp = jax.vmap(jax.value_and_grad(log_density))(self._to_flat(us))  # (P,), (P, d)
+        neg_h, grad = jax.value_and_grad(lambda p: -self.entropy(p))(params)  # -H, -grad H
+        cotangent = {}
+        for f, eta, use_cv in zip(self.factors, self._etas(params), cv, strict=True):
+            u = us[f.site.name]
+            g = dlogp[:, f.site.offset : f.site.offset + f.site.size].reshape(u.shape)
+            if use_cv:
+                g, fc = self._linear_cv(f, eta, u, g)
+                grad.update({k: grad[k] - v for k, v in zip(f.keys(), fc, strict=True)})
+            cotangent[f.site.name] = -g / num
+        grad = jax.tree.map(jnp.add, grad, draws_vjp(cotangent)[0])
+        return (neg_h - jnp.mean(logp), logp), grad, None
+
+    @staticmethod
+    def _linear_cv(f: SiteFactor, eta: tuple, u: jax.Array, g: jax.Array):
+        """``(df/du_k - c_k . dT/du_k, F mean_k c_k)`` for one factor's draws ``u`` (P, ...)
+        and gradients ``g`` (``expfam_estimators``; ``c`` takes no gradient)."""
+        jac = stats_jacobian(f, u)  # (P, *batch, du, k)
+        gu = g if f.name == "dirichlet" else g[..., None]  # (P, *batch, du)
+        c = jax.lax.stop_gradient(linear_cv_coefficients(jac, gu))
+        fitted = jnp.einsum("p...ij,p...j->p...i", jac, c)
+        fitted = fitted if f.name == "dirichlet" else fitted[..., 0]
+        return g - fitted, f.family.fisher_vp(eta, f.family.unflatten(jnp.mean(c, axis=0)))
+
     def natural_step(self, params: dict, grad: dict, lr, damping, step, ctx=None) -> dict:
         """eta' = eta + rho * nat per factor, cut to stay in the domain (module docstring)."""
         nats = self._natural_gradients(params, grad, ctx)
@@ -386,7 +304,7 @@ class ExpFamilyGuide(Guide):
         new = {}
         for f, eta, nat in zip(self.factors, self._etas(params), nats, strict=True):
             delta = tuple(rho * n for n in nat)
-            t = _step_fraction(f, eta, delta)
+            t = step_fraction(f, eta, delta)
             for key, v, d, shape in zip(f.keys(), eta, delta, f.family.param_shapes, strict=True):
                 new[key] = v + t.reshape(t.shape + (1,) * len(shape)) * d
         return new
@@ -406,8 +324,8 @@ class ExpFamilyGuide(Guide):
                 g = tuple(grad[k] for k in f.keys())
                 nats.append(tuple(-n for n in f.family.fisher_inverse(eta, g)))
                 continue
-            xs, logp = sampled
-            stats = f.family.flatten(f.family.sufficient_stats(xs[f.site.name]))
+            us, logp = sampled
+            stats = f.family.flatten(stats_and_log_jacobian(f, us[f.site.name])[0])
             if est == "score":
                 _check_particles(f, num, 2, est)
                 nats.append(
@@ -420,12 +338,12 @@ class ExpFamilyGuide(Guide):
         return nats
 
     def _draws_and_log_density(self, params: dict, ctx) -> tuple[dict, jax.Array]:
-        """P draws per factor (factor space) and f = log p_x = log p(u) - log|dT/du| (P,)."""
+        """P unconstrained draws per factor and f = log p_x = log p(u) - log|dT/du| (P,)."""
         args, kwargs = ctx.data
-        xs = jax.vmap(lambda k: self._draw_one(params, k))(ctx.eps)
-        z = self._to_flat(xs)
+        us = jax.vmap(lambda k: self._draw_one(params, k))(ctx.eps)
+        z = self._to_flat(us)
         logp = jax.vmap(lambda zi: self.target.log_density(zi, args, kwargs, ctx.model_key))(z)
-        return xs, logp - self._log_jacobian(xs)
+        return us, logp - self._log_jacobian(us)
 
     # -- NumPyro protocol and posterior summaries -------------------------------------------------
     def _layout_detail(self) -> str:
@@ -438,7 +356,7 @@ class ExpFamilyGuide(Guide):
             t = biject_to(f.site.support)
             u_event = f.site.event_dim - t.codomain.event_dim + t.domain.event_dim
             base = f.family.to_numpyro(eta).to_event(u_event)
-            plain = isinstance(_base_transform(f.site.support), type(biject_to(constraints.real)))
+            plain = isinstance(base_transform(f.site.support), type(biject_to(constraints.real)))
             return base if plain else dist.TransformedDistribution(base, t)
         fam_event = len(f.site.shape) - len(f.batch_shape)  # 1 for a Dirichlet, else 0
         return f.family.to_numpyro(eta).to_event(f.site.event_dim - fam_event)
@@ -497,8 +415,7 @@ class ExpFamilyGuide(Guide):
         xs = jax.vmap(lambda k: self._draw_one(p, k))(jax.random.split(rng_key, max(n, 1)))
         out = {}
         for f in self.factors:
-            x = xs[f.site.name]
-            x = biject_to(f.site.support)(x) if f.on_unconstrained else x
+            x = biject_to(f.site.support)(xs[f.site.name])
             out[f.site.name] = x[:n].reshape(tuple(sample_shape) + f.site.shape)
         return self.with_deterministic(out, *args, **kwargs)
 
@@ -531,11 +448,9 @@ class _FlatExpFamily(dist.Distribution):
 
     @staticmethod
     def _site_log_prob(f: SiteFactor, eta: tuple, u: jax.Array) -> jax.Array:
+        """log q_u(u) = log h + <eta, T(x)> - A(eta) + log |dT/du|, in log space."""
         if f.on_unconstrained:
             return f.family.log_prob(u, eta)
-        t = biject_to(f.site.support)
-        x = t(u)
-        ld = t.log_abs_det_jacobian(u, x)
-        return f.family.log_prob(x, eta).reshape(u.shape[0], -1).sum(-1) + ld.reshape(
-            u.shape[0], -1
-        ).sum(-1)
+        stats, log_det = stats_and_log_jacobian(f, u)
+        lp = f.family.inner(eta, stats) - f.family.log_partition(eta)
+        return lp.reshape(u.shape[0], -1).sum(-1) + log_det

@@ -28,6 +28,22 @@ draws, by variance (Salimans & Knowles 2013; Ranganath et al. 2014; Mohamed et a
   and ``~ E_q[f^2 |T - m|^2] / P`` without it, which the constant part of ``f`` (often hundreds
   of nats) dominates: the baseline removes that part.
 
+**Linear control variate for pathwise** (``linear_cv_coefficients``, on by default with
+``control_variate="loo"``): the pathwise estimate of ``grad_eta E_q[f]`` is noisy even for a
+conjugate site. For ``f = c . T`` it is ``mean_k (c . dT/du_k) du_k/deta``, whose mean is ``F c``
+but whose spread along the Gamma's shape, after ``F^-1`` (an eigenvalue ``~ 2 a^2``), is
+``~ |c_x| mean(x) sqrt(a / P)`` nats of natural parameter: from a start 300x off, a unit step sent a
+concentration from 100 to 1e8, where it froze the fit (a Gamma-Poisson hierarchy: 1250 steps to
+the optimum in float64, never in float32). With ``phi_k = c_k . T(u_k)`` as control variate,
+
+    grad_eta E_q[f] ~= mean_k (df/du_k - c_k . dT/du_k) du_k/deta + F mean_k c_k,
+
+and ``c_k`` the least-squares fit of the per-draw gradients ``df/du_j ~ (dT/du_j)^T c`` over the
+*other* draws ``j != k`` (independent of draw ``k``, so the estimate stays **unbiased**; Miller et
+al. 2017, Geffner & Domke 2018). For a conditionally conjugate site the residual is only the
+noise of its Markov blanket's draws, and the step is the conjugate-computation update
+``nat = c - eta`` (Khan & Lin 2017) that the regression estimator gives for a single factor.
+
 The entropy enters in closed form in all three (``-eta`` above): putting ``log q`` inside the
 score-function average instead would only add the zero-mean noise ``Cov_P[T, <eta, T>] - F eta``.
 """
@@ -41,6 +57,7 @@ from ngvi.families import ExpFamily, Params
 
 __all__ = [
     "CONTROL_VARIATES",
+    "linear_cv_coefficients",
     "regression_natural_params",
     "score_gradient",
     "score_natural_gradient",
@@ -87,3 +104,24 @@ def score_natural_gradient(
     mean = family.flatten(family.natural_to_mean(eta))
     g = family.unflatten(score_gradient(stats, mean, f, control_variate))
     return tuple(n - e for n, e in zip(family.fisher_inverse(eta, g), eta, strict=True))
+
+
+def linear_cv_coefficients(jac: jax.Array, grad: jax.Array) -> jax.Array:
+    """Leave-one-out least squares ``c_k = argmin_c sum_{j != k} |grad_j - jac_j c|^2`` per
+    batch element, shape ``(P, *batch, k)`` (module docstring).
+
+    ``jac``: ``(P, *batch, du, k)``, ``dT/du`` of each draw; ``grad``: ``(P, *batch, du)``, the
+    draws' ``df/du``. A ridge of ``16 eps`` times each diagonal entry of the normal equations
+    (invariant to the statistics' scales, which differ by orders of magnitude: ``1`` and ``x``
+    for a Gamma) keeps a fit from few draws finite; it shrinks ``c`` but, like any ``c``
+    independent of draw ``k``, leaves the control variate unbiased."""
+    jtj = jnp.einsum("p...ij,p...il->p...jl", jac, jac)
+    jtg = jnp.einsum("p...ij,p...i->p...j", jac, grad)
+    normal, rhs = jnp.sum(jtj, axis=0) - jtj, jnp.sum(jtg, axis=0) - jtg
+    finfo = jnp.finfo(normal.dtype)
+    diag = jnp.diagonal(normal, axis1=-2, axis2=-1)
+    ridge = (
+        jnp.eye(normal.shape[-1], dtype=normal.dtype)
+        * (16 * finfo.eps * diag + finfo.tiny)[..., None, :]
+    )
+    return jnp.linalg.solve(normal + ridge, rhs[..., None])[..., 0]

@@ -40,13 +40,20 @@ positive definite (and is exact for a Gaussian target at ``b = 1``). When the Ch
 the plain update fails (``H`` indefinite: a non-log-concave target or a noisy estimate) the step
 uses the improved Bayesian learning rule of Lin, Schmidt & Khan (2020),
 ``S' = S + b G + b^2/2 G S^-1 G`` with ``G = H - S``, which is positive definite for every
-``b``; ``G S^-1 G = (L^-1 G)^T (L^-1 G)`` costs one triangular solve.
+``b``; ``G S^-1 G = (L^-1 G)^T (L^-1 G)`` costs one triangular solve. On a near-singular
+posterior (collinear predictors: precision eigenvalues ``1e-4`` beside ``1e5``, a condition number
+beyond ``1 / eps``) rounding makes both indefinite; the step then adds the smallest jitter
+``eps 10^j`` times the precision's scale that gives a Cholesky factor (``jittered_cholesky``) and
+warns (``NearSingularWarning``) that q is narrower than the posterior along that direction, with
+the fix: float64, or remove the collinearity.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -60,14 +67,19 @@ from ngvi.model.target import Target
 __all__ = [
     "AUTO_EXACT_MAX_DIM",
     "FullRankGaussian",
+    "NearSingularWarning",
     "auto_hessian",
+    "condition_estimate",
     "gaussian_kl_prec",
+    "jittered_cholesky",
     "whitened_antithetic_noise",
 ]
 
 _LOG_2PIE = math.log(2 * math.pi * math.e)
 _HESSIANS = ("auto", "stein", "exact")
 AUTO_EXACT_MAX_DIM = 200  # hessian="auto": exact Hessians up to this latent dimension
+JITTER_TRIES = 5  # jitters eps * 10^j * scale, j = 0..4: rounding, not a saddle (that step fails)
+NEAR_SINGULAR = 0.1  # warn once cond(S) * eps exceeds this: H's rounding is 10% of its weakest
 
 
 def whitened_antithetic_noise(rng_key: jax.Array, num_particles: int, dim: int) -> jax.Array:
@@ -110,16 +122,77 @@ def _chol_solve(tril: jax.Array, v: jax.Array) -> jax.Array:
     return solve_triangular(tril, solve_triangular(tril, v, lower=True), lower=True, trans="T")
 
 
-def ibr_precision(prec: jax.Array, tril: jax.Array, hess: jax.Array, b) -> jax.Array:
-    """Precision after a step of size ``b`` toward ``hess``: the plain VON update
-    ``S + b (H - S)`` when it is positive definite, else the improved rule
-    ``S + b G + b^2/2 G S^-1 G`` (Lin et al. 2020), always positive definite. Returns the new
-    Cholesky factor."""
-    g = hess - prec
-    plain = jnp.linalg.cholesky(_sym(prec + b * g))
-    v = solve_triangular(tril, g, lower=True)  # L^-1 G, so G S^-1 G = V^T V
-    fixed = jnp.linalg.cholesky(_sym(prec + b * g + 0.5 * b**2 * (v.T @ v)))
-    return jnp.where(jnp.all(jnp.isfinite(plain)), plain, fixed)
+def ibr_precision(tril: jax.Array, hess: jax.Array, b) -> tuple[jax.Array, jax.Array]:
+    """Cholesky factor of the precision after a step of size ``b`` toward ``hess``, computed in
+    the current factor's whitened coordinates, and the jitter it needed (0 almost always).
+
+    With ``S = L L^T`` and ``W = L^-1 H L^-T``, ``G~ = W - I``: the plain VON update is
+    ``S + b (H - S) = L (I + b G~) L^T`` and the improved rule of Lin et al. (2020),
+    ``S + b G + b^2/2 G S^-1 G = L (I + b G~ + b^2/2 G~^2) L^T``, positive definite for every
+    ``b``. The new factor is ``L C`` with ``C`` the Cholesky factor of the middle matrix, which is
+    well-conditioned even when ``S`` is not: forming ``S`` itself would lose a precision
+    eigenvalue below ``eps`` times its scale (a near-singular posterior) to rounding. If both
+    fail (rounding in ``H``), ``jittered_cholesky`` adds the smallest jitter that succeeds."""
+    eye = jnp.eye(tril.shape[-1], dtype=tril.dtype)
+    w = solve_triangular(tril, solve_triangular(tril, hess, lower=True).T, lower=True)
+    g = _sym(w) - eye
+    plain = _sym(eye + b * g)
+    chol = jnp.linalg.cholesky(plain)
+    fixed = jnp.linalg.cholesky(_sym(plain + 0.5 * b**2 * (g @ g)))
+    chol, jitter = jittered_cholesky(plain, jnp.where(_finite(chol), chol, fixed))
+    return tril @ chol, jitter
+
+
+def _finite(a: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(a))
+
+
+def jittered_cholesky(matrix: jax.Array, first: jax.Array, tries: int = JITTER_TRIES) -> tuple:
+    """``(first, 0)`` when ``first`` is finite, else ``(cholesky(matrix + tau s I), tau)`` for the
+    smallest ``tau`` in ``eps * 10^j``, ``j = 0 .. tries - 1``, that succeeds, with ``s`` the
+    largest diagonal entry of ``matrix`` (its own scale: a floor below ``eps * s`` is rounding,
+    not information). NaN (and ``tau = NaN``) if every try fails."""
+    eps = jnp.finfo(matrix.dtype).eps
+    scale = jnp.max(jnp.abs(jnp.diagonal(matrix)))
+    eye = jnp.eye(matrix.shape[-1], dtype=matrix.dtype)
+
+    def again(state):
+        j, chol = state
+        return (j < tries) & ~_finite(chol)
+
+    def retry(state):
+        j, _ = state
+        return j + 1, jnp.linalg.cholesky(matrix + eps * 10.0**j * scale * eye)
+
+    j, chol = jax.lax.while_loop(again, retry, (jnp.zeros((), jnp.int32), first))
+    tau = jnp.where(j == 0, 0.0, eps * 10.0 ** (j - 1).astype(matrix.dtype))
+    return chol, jnp.where(_finite(chol), tau, jnp.nan)
+
+
+def condition_estimate(tril: jax.Array) -> jax.Array:
+    """``(max diag L / min diag L)^2``, a cheap lower estimate of the condition number of
+    ``S = L L^T`` (the ratio of its pivots)."""
+    diag = jnp.abs(jnp.diagonal(tril))
+    return (jnp.max(diag) / jnp.min(diag)) ** 2
+
+
+def _warn_near_singular(dtype_name: str) -> None:
+    warnings.warn(
+        f"FullRankGaussian: near-singular posterior in {dtype_name}: the precision's condition "
+        f"number is beyond what {dtype_name} resolves (over 0.1 / eps), so the curvature along "
+        "its weakest direction is lost to rounding and q's spread there is unreliable (a jitter "
+        "may have been needed to keep the Cholesky factor positive definite). Likely cause: "
+        "collinear predictors or a non-identified direction. Fix: use float64 "
+        "(jax.config.update('jax_enable_x64', True)), remove or combine the collinear "
+        "predictors, or use MeanFieldGaussian.",
+        NearSingularWarning,
+        stacklevel=2,
+    )
+
+
+class NearSingularWarning(UserWarning):
+    """A ``FullRankGaussian`` precision too ill-conditioned for the float type (condition number
+    over ``NEAR_SINGULAR / eps``) or one that needed a jitter to stay positive definite."""
 
 
 class FullRankGaussian(Guide):
@@ -229,7 +302,14 @@ class FullRankGaussian(Guide):
         g, h = self._grads_and_hessian(params, ctx)
         r = lr / (1.0 + damping)
         b = r * self.precision_schedule(step)
-        tril = params["prec_tril"]
-        new_tril = ibr_precision(tril @ tril.T, tril, h, b)
+        new_tril, jitter = ibr_precision(params["prec_tril"], h, b)
+        eps = jnp.finfo(new_tril.dtype).eps
+        near_singular = (jitter > 0) | (condition_estimate(new_tril) * eps > NEAR_SINGULAR)
+        name = jnp.dtype(new_tril.dtype).name
+        jax.lax.cond(
+            near_singular,
+            lambda: jax.debug.callback(partial(_warn_near_singular, name)),
+            lambda: None,
+        )
         loc = params["loc"] + r * _chol_solve(new_tril, g)
         return {"loc": loc, "prec_tril": new_tril}

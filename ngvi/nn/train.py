@@ -39,21 +39,11 @@ def minibatches(n: int, batch_size: int, rng: np.random.Generator):
         yield jnp.asarray(perm[i * batch_size : (i + 1) * batch_size])
 
 
-def bnn_engine(guide: Guide, *, lr: float = 0.1, num_particles: int = 1, **kwargs):
-    """``NGVI(guide.model, guide, lr, num_particles)`` with the settings used for BNN minibatch
-    training (VOGN, Khan et al. 2018; IVON, Shen et al. 2024, use one weight sample per step):
-
-    * ``num_particles=1``: on a minibatch the Monte Carlo noise of the weight sample is small
-      next to the minibatch noise (the Fisher factors and the mean gradient are averaged over
-      ``B`` examples and, by the running averages and the iterate average, over steps), and
-      every particle costs a forward and a backward pass plus a forward pass for the engine's
-      accept/reject test; the antithetic pairs that make 8 particles exact on a quadratic log
-      density buy nothing when the minibatch changes every step.
-    * ``lr=0.1``: the natural step is taken on one minibatch's estimate; a unit step would jump to
-      that minibatch's optimum (measured: rejected steps and a damping spiral), 0.1 averages
-      about ten minibatches, like the step size of VOGN/IVON.
-    """
-    return NGVI(guide.model, guide, lr=lr, num_particles=num_particles, **kwargs)
+def bnn_engine(guide: Guide, **kwargs):
+    """``NGVI(guide.model, guide, **kwargs)``: the guide's own engine defaults
+    (``Guide.engine_defaults``; ``KFACGuide``: ``lr=0.1``, one weight sample per step, the
+    settings of minibatch BNN training) unless ``kwargs`` override them."""
+    return NGVI(guide.model, guide, **kwargs)
 
 
 def _driver(engine):
