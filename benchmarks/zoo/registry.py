@@ -82,7 +82,7 @@ def traced_layout(entry: ZooModel) -> tuple[int, bool, bool]:
     from numpyro.distributions.transforms import biject_to
     from numpyro.handlers import seed, trace
 
-    from ngvi.guides.expfam import _DEFAULT, _base_transform
+    from ngvi.guides.expfam_factors import support_family
     from ngvi.nn import layer_markers
 
     args, kwargs = entry.data()
@@ -91,7 +91,7 @@ def traced_layout(entry: ZooModel) -> tuple[int, bool, bool]:
     def unconstrained(key):
         tr = trace(seed(entry.model, key)).get_trace(*args, **kwargs)
         latent = [s for s in tr.values() if s["type"] == "sample" and not s["is_observed"]]
-        facts["expfam"] = any(type(_base_transform(s["fn"].support)) in _DEFAULT for s in latent)
+        facts["expfam"] = any(support_family(s["fn"].support) != "gaussian" for s in latent)
         facts["layers"] = bool(layer_markers(tr))
         return {s["name"]: biject_to(s["fn"].support).inv(s["value"]) for s in latent}
 

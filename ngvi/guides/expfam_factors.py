@@ -56,6 +56,7 @@ __all__ = [
     "SiteFactor",
     "base_transform",
     "default_family",
+    "support_family",
     "draw_unconstrained",
     "entropy_unconstrained",
     "family_name",
@@ -127,7 +128,13 @@ def family_name(spec: Any) -> str:
 
 def default_family(site: Site) -> str:
     """The family a site's support gets by default (positive -> gamma, ...)."""
-    return _DEFAULT.get(type(base_transform(site.support)), "gaussian")
+    return support_family(site.support)
+
+
+def support_family(support) -> str:
+    """The family ``ExpFamilyGuide`` gives a support by default: ``"gamma"`` (positive),
+    ``"beta"`` (unit interval), ``"dirichlet"`` (simplex), else ``"gaussian"``."""
+    return _DEFAULT.get(type(base_transform(support)), "gaussian")
 
 
 def make_factor(site: Site, name: str) -> SiteFactor:
