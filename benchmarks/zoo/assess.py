@@ -146,10 +146,11 @@ def elbo64(entry: ZooModel, name: str, params: dict) -> float:
         return float(value)
 
 
-def assess(entry: ZooModel, name: str, params: dict) -> dict:
+def assess(entry: ZooModel, name: str, params: dict, diagnostics: bool = True) -> dict:
     """{elbo, khat, post_mean, assess_error} of fitted ``params`` (any dtype), in float64:
     ``elbo`` the family's fixed-noise ELBO (``elbo64``), ``post_mean`` the guide's posterior mean
-    per latent site (constrained, from ``NUM_DRAWS`` draws), ``khat`` the PSIS k-hat."""
+    per latent site (constrained, from ``NUM_DRAWS`` draws), ``khat`` the PSIS k-hat (these two
+    left None without ``diagnostics``: the ELBO alone decides the verdict)."""
     out = {"elbo": None, "khat": None, "post_mean": None, "assess_error": None}
     with jax.enable_x64(True):
         p64 = jax.tree.map(lambda x: jnp.asarray(np.asarray(x, np.float64)), params)
@@ -157,6 +158,8 @@ def assess(entry: ZooModel, name: str, params: dict) -> dict:
             out.update(elbo=-math.inf, assess_error="non-finite parameters")
             return out
         out["elbo"] = _safe(lambda: elbo64(entry, name, p64))
+        if not diagnostics:
+            return out
         guide = guide64(entry, name)
         args, kwargs = data64(entry)
         try:

@@ -90,15 +90,17 @@ def run_cell(
     refs: dict | None = None,
     optima: dict | None = None,
     seed: int = 0,
+    diagnostics: bool = True,
 ) -> dict:
     """Fit (``fit_cell``), score (``assess``) and judge (``judge_cell``) one model x guide cell.
-    Without ``refs``/``optima`` the cell is scored but not judged (``judge_cell`` later)."""
+    Without ``refs``/``optima`` the cell is scored but not judged (``judge_cell`` later); without
+    ``diagnostics`` only the ELBO is scored (no posterior mean, no k-hat: the tests' fast path)."""
     rec = fit_cell(entry, guide_name, num_steps, seed)
     params, guide = rec.pop("params"), rec.pop("guide_obj")
     if guide is not None and rec["dtype"] == "float64" and guide._target is not None:
         reuse(entry, guide_name, guide)  # a float64 fit's guide serves its assessment
     if params is not None:
-        rec.update(assess(entry, guide_name, params))
+        rec.update(assess(entry, guide_name, params, diagnostics))
     rec = {k: _plain(v) for k, v in rec.items()}
     return judge_cell(rec, refs, optima) if refs is not None or optima is not None else rec
 
