@@ -158,6 +158,7 @@ def test_entropy_on_the_unconstrained_scale_matches_monte_carlo():
     assert float(guide.entropy(params)) == pytest.approx(-float(jnp.mean(lq)), abs=0.03)
 
 
+@pytest.mark.slow  # ~10 s; max_kl per step is held in the default run by test_fullrank
 def test_max_kl_on_gamma_poisson():
     """With max_kl every accepted step stays in the KL region (the first unit step is cut back
     to it) and the run still reaches the exact posterior. Near the optimum the regression

@@ -44,7 +44,14 @@ def _site_means(guide, params, n=20_000):
     return {k: np.asarray(v).reshape(n, -1).mean(0) for k, v in draws.items()}
 
 
-@pytest.mark.parametrize("name,steps", [("eight_schools", 400), ("logistic_regression", 1000)])
+@pytest.mark.parametrize(
+    "name,steps",
+    [
+        # slow: ~13 s; the zoo's rule tests hold default fits to their optima in the default run
+        pytest.param("eight_schools", 400, marks=pytest.mark.slow),
+        ("logistic_regression", 1000),
+    ],
+)
 def test_posterior_means_match_nuts(name, steps):
     """NGVI reaches the mean-field family optimum (BFGS on a fixed-noise ELBO), and its posterior
     means are within 0.1 NUTS sd of NUTS wherever the mean-field family itself can be: the family
@@ -213,6 +220,7 @@ def test_guide_for_another_model_is_refused():
         NGVI(model, MeanFieldGaussian(other))
 
 
+@pytest.mark.slow  # ~5 s of 1e6-dim arrays; O(d) memory is also shown by bench_scale
 def test_meanfield_scales_to_a_million_latent_dimensions():
     """Mean-field never builds a d x d array: a 1e6-dimensional latent fits and steps."""
     d = 1_000_000

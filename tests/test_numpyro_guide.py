@@ -102,6 +102,9 @@ GUIDES = {
 }
 CASES = [("meanfield", "structured"), ("fullrank", "structured"), ("expfam", "structured")]
 CASES.append(("kfac", "bnn"))
+#: the draw-heavy checks (2000 draws through Predictive / Trace_ELBO) run K-FAC in the slow job
+#: (~10 s each); its sites' shapes and supports are checked in the default run
+CASES_KFAC_SLOW = [*CASES[:3], pytest.param("kfac", "bnn", marks=pytest.mark.slow)]
 
 
 def _moved(p: dict) -> dict:
@@ -176,7 +179,7 @@ def test_predictive_with_result_params_draws_from_the_fit_not_the_init(fits):
     assert draws["y"].shape == (4000, fit.args[0].shape[0] - 1)  # posterior predictive
 
 
-@pytest.mark.parametrize("guide_name,model_name", CASES)
+@pytest.mark.parametrize("guide_name,model_name", CASES_KFAC_SLOW)
 def test_predictive_matches_sample_posterior(fits, guide_name, model_name):
     """Predictive's latent draws have the means and sds of ``guide.sample_posterior`` at the
     given parameters (moved away from the initial values)."""
@@ -260,7 +263,7 @@ def _ngvi_neg_elbo(guide, params, args, kwargs, n):
     return float(neg_elbo), float(sd_ratio), float(sd_logp)
 
 
-@pytest.mark.parametrize("guide_name,model_name", CASES)
+@pytest.mark.parametrize("guide_name,model_name", CASES_KFAC_SLOW)
 def test_trace_elbo_agrees_with_ngvi_elbo(fits, guide_name, model_name):
     """NumPyro's Trace_ELBO with the guide's params equals ngvi's -ELBO within Monte Carlo
     error (2000 particles each, float64)."""

@@ -105,6 +105,8 @@ def guide64(entry: ZooModel, name: str):
         guide = GUIDES[name](entry.model)
         if name in ("meanfield", "fullrank"):
             guide._target = target64(entry)  # the setup of these guides is the target alone
+            args, kwargs = data64(entry)
+            guide._data = (tuple(args), dict(kwargs))  # deterministic sites' default data
         else:
             args, kwargs = data64(entry)
             guide.setup(jax.random.PRNGKey(0), args, kwargs)
