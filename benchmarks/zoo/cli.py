@@ -124,6 +124,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def best_known(optima: dict, cells: list[dict]) -> dict:
+    """Each family's reference: the larger of its L-BFGS optimum and the best ELBO any cell of
+    that family reached on the same fixed noise. Every member's ELBO is a lower bound on the
+    family optimum, so this is the tightest bound known; a cell above L-BFGS's value (a start
+    L-BFGS did not improve on, e.g. an exp-family site started too narrow) marks it
+    ``"beaten_by"`` and the gaps are measured from the better value (no fit judged against an
+    optimum that another fit beat)."""
+    out = {
+        m: {f: dict(v) if isinstance(v, dict) else v for f, v in fams.items()}
+        for m, fams in optima.items()
+    }
+    for c in cells:  # K-FAC's family is not mean-field's: it never raises that reference
+        opt = out.get(c["model"], {}).get(c["guide"]) if c["guide"] != "kfac" else None
+        elbo = c.get("elbo")
+        if not isinstance(opt, dict) or elbo is None or not elbo == elbo or elbo <= opt["elbo"]:
+            continue
+        if elbo != float("inf"):
+            opt.setdefault("lbfgs_elbo", opt["elbo"])
+            opt.update(elbo=elbo, beaten_by=f"{c['guide']} {c['dtype']}")
+    return out
+
+
 def write_table(ns: argparse.Namespace, cells: list[dict], seconds: float) -> None:
     import jax
 
@@ -132,7 +154,7 @@ def write_table(ns: argparse.Namespace, cells: list[dict], seconds: float) -> No
     from benchmarks.zoo.harness import judge_cell
     from benchmarks.zoo.report import markdown, summary
 
-    refs, optima = load_references(), load_optima()
+    refs, optima = load_references(), best_known(load_optima(), cells)
     cells = [judge_cell(c, refs, optima) for c in cells]
     order = {name: i for i, name in enumerate(REGISTRY)}
     guides = ("meanfield", "fullrank", "expfam", "kfac")

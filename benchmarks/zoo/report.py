@@ -25,8 +25,17 @@ def cause(c: dict) -> str:
         return c["error"].split(". ")[0][:160]
     if c.get("assess_error") == "non-finite parameters":
         return "the averaged parameters are not finite"
+    entry = REGISTRY.get(c["model"])
+    local = entry is not None and entry.kind in ("mixture", "BNN")
     if c.get("converged"):
-        return f"reported converged at step {c['steps']} while {_f(c['gap'])} nat off"
+        why = (
+            "; a local optimum of the multimodal ELBO (the start decides the basin)" if local else ""
+        )
+        return f"reported converged at step {c['steps']} while {_f(c['gap'])} nat off{why}"
+    said = "; ".join(c.get("warnings") or [])
+    if said:  # the engine's own reading: the warning's first sentence after its category
+        said = said.split(": ", 1)[-1].split(". ")[0][:140]
+        return f"ran {c['steps']} steps ({c['rejected']} rejected), {_f(c['gap'])} nat off: {said}"
     return (
         f"ran {c['steps']} steps ({c['rejected']} rejected), ended {_f(c['gap'])} nat off, "
         "converged=False but no warning"
@@ -66,7 +75,9 @@ def markdown(cells: list[dict], meta: dict, refs: dict, optima: dict) -> str:
         "Verdict: `ok` = gap <= 0.1 nat; `miss (warned)` = gap > 0.1 nat, converged=False and a "
         "warning or FitError; `SILENT MISS` = gap > 0.1 nat with converged=True or no warning. "
         "gap: family optimum minus the fit's ELBO on the same fixed noise (nats; K-FAC: against "
-        "the mean-field optimum, its family has no computed optimum). mean err: max over latent "
+        "the mean-field optimum, its family has no computed optimum); the family optimum is the "
+        "better of L-BFGS's and the best cell of that family (Models table: where a fit beat "
+        "L-BFGS). mean err: max over latent "
         "coordinates of |E_q - E_NUTS| / sd_NUTS (constrained space; '-' where the NUTS run is "
         "flagged). k-hat: PSIS (Yao et al. 2018). seconds include set-up and compilation.",
         "",
@@ -103,8 +114,9 @@ def markdown(cells: list[dict], meta: dict, refs: dict, optima: dict) -> str:
 
 def _models_table(refs: dict, optima: dict) -> str:
     rows = [
-        "| model | kind | d | guides | NUTS s | NUTS reference | MF optimum mean err (sd) |",
-        "|---|---|---|---|---|---|---|",
+        "| model | kind | d | guides | NUTS s | NUTS reference | MF optimum mean err (sd) "
+        "| references beaten by a fit |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, e in REGISTRY.items():
         r = refs.get(name, {})
@@ -113,8 +125,13 @@ def _models_table(refs: dict, optima: dict) -> str:
         if r.get("source", "nuts") != "nuts":
             status = f"{r['source']} ({status})"
         err = optima.get(name, {}).get("meanfield", {}).get("mean_error")
+        beaten = [
+            f"{f} by {v['beaten_by']} ({v['elbo'] - v['lbfgs_elbo']:.3g} nat)"
+            for f, v in optima.get(name, {}).items()
+            if isinstance(v, dict) and "beaten_by" in v
+        ]
         rows.append(
             f"| {name} | {e.kind} | {e.dim} | {', '.join(e.guides)} | "
-            f"{_f(nuts.get('seconds'), '.0f')} | {status} | {_f(err)} |"
+            f"{_f(nuts.get('seconds'), '.0f')} | {status} | {_f(err)} | {'; '.join(beaten)} |"
         )
     return "\n".join(rows)
