@@ -47,6 +47,7 @@ def _r(x, digits: int = 8) -> list:
     return [float(f"{v:.{digits}g}") for v in np.asarray(x, dtype=np.float64).ravel()]
 
 
+FAMILIES = ("meanfield", "fullrank", "expfam")
 MAXITER = {"value": 5000}  # L-BFGS iterations per start (``--maxiter``)
 
 
@@ -111,7 +112,19 @@ def mf_mean_error(entry: ZooModel, mf: dict, ref: dict | None) -> float | None:
     return assess.mean_error({k: np.mean(np.asarray(v), axis=0) for k, v in draws.items()}, ref)
 
 
-def optimise(entry: ZooModel, ref: dict | None) -> dict:
+def optimise(
+    entry: ZooModel, ref: dict | None, families=FAMILIES, known: dict | None = None
+) -> dict:
+    """The optima of ``families`` (those the entry's guides use); the mean-field optimum, which
+    the others start from, is reused from ``known`` when it is not asked for."""
+    if known and "meanfield" in known and "meanfield" not in families:
+        out = {"meanfield": known["meanfield"]}
+        for name, fn in (("fullrank", fullrank), ("expfam", expfam)):
+            if name in families and name in entry.guides:
+                t0 = time.perf_counter()
+                out[name] = fn(entry, out["meanfield"])
+                out[name]["seconds"] = round(time.perf_counter() - t0, 1)
+        return out
     if ref is None:
         target = assess.target64(entry)
         start = {"loc": np.asarray(target.init_z), "scale": np.full(entry.dim, 0.1)}
@@ -123,7 +136,7 @@ def optimise(entry: ZooModel, ref: dict | None) -> dict:
     out["meanfield"]["seconds"] = round(time.perf_counter() - t0, 1)
     out["meanfield"]["mean_error"] = mf_mean_error(entry, out["meanfield"], ref)
     for name, fn in (("fullrank", fullrank), ("expfam", expfam)):
-        if name in entry.guides:
+        if name in families and name in entry.guides:
             t0 = time.perf_counter()
             out[name] = fn(entry, out["meanfield"])
             out[name]["seconds"] = round(time.perf_counter() - t0, 1)
@@ -135,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="+", metavar="NAME", help="update only these models")
     p.add_argument("--out", default=str(PATH))
     p.add_argument("--maxiter", type=int, default=5000, help="L-BFGS iterations per start")
+    p.add_argument(
+        "--families",
+        nargs="+",
+        choices=FAMILIES,
+        default=list(FAMILIES),
+        help="these families only (the others already in the file are kept)",
+    )
     ns = p.parse_args(argv)
     MAXITER["value"] = ns.maxiter
     names = ns.only or list(REGISTRY)
@@ -152,9 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         entry = REGISTRY[name]
         if name not in refs:
             print(f"{name:28s} no NUTS reference yet: starting from the model's init", flush=True)
-        res = optimise(entry, refs.get(name))
+        known = out["models"].get(name, {})
+        res = optimise(entry, refs.get(name), tuple(ns.families), known)
         res["start"] = "nuts chain 0" if name in refs else "model init"
-        out["models"][name] = res
+        out["models"][name] = {**known, **res}
         out["models"] = {k: out["models"][k] for k in REGISTRY if k in out["models"]}
         Path(ns.out).write_text(json.dumps(out, indent=1) + "\n")
         parts = [

@@ -29,7 +29,9 @@ def cause(c: dict) -> str:
     local = entry is not None and entry.kind in ("mixture", "BNN")
     if c.get("converged"):
         why = (
-            "; a local optimum of the multimodal ELBO (the start decides the basin)" if local else ""
+            "; a local optimum of the multimodal ELBO (the start decides the basin)"
+            if local
+            else ""
         )
         return f"reported converged at step {c['steps']} while {_f(c['gap'])} nat off{why}"
     said = "; ".join(c.get("warnings") or [])
