@@ -91,6 +91,7 @@ def test_pair_plot_of_meanfield_fullrank_and_nuts(tmp_path):
     assert plt.imread(tmp_path / "cg_pair.png").ndim == 3
 
 
+@pytest.mark.slow  # ~20 s; test_cli covers `ngvi fit`, compare() is tested on its own here
 def test_cli_fit_and_compare(tmp_path, capsys):
     assert main(["fit", "normal_normal", "--steps", "50", "--no-progress", "--samples", "200"]) == 0
     out = capsys.readouterr().out

@@ -49,7 +49,8 @@ def _site_means(guide, params, n=20_000):
     [
         # slow: ~13 s; the zoo's rule tests hold default fits to their optima in the default run
         pytest.param("eight_schools", 400, marks=pytest.mark.slow),
-        ("logistic_regression", 1000),
+        # slow: ~25 s; test_fullrank holds logistic regression to NUTS in the default run
+        pytest.param("logistic_regression", 1000, marks=pytest.mark.slow),
     ],
 )
 def test_posterior_means_match_nuts(name, steps):

@@ -102,9 +102,15 @@ GUIDES = {
 }
 CASES = [("meanfield", "structured"), ("fullrank", "structured"), ("expfam", "structured")]
 CASES.append(("kfac", "bnn"))
-#: the draw-heavy checks (2000 draws through Predictive / Trace_ELBO) run K-FAC in the slow job
-#: (~10 s each); its sites' shapes and supports are checked in the default run
-CASES_KFAC_SLOW = [*CASES[:3], pytest.param("kfac", "bnn", marks=pytest.mark.slow)]
+#: the default run keeps one Gaussian and the exp-family guide per check (suite time, issue 16);
+#: the slow job runs every guide through every check
+_SLOW = pytest.mark.slow
+CASES_DEFAULT_MF_EF = [
+    CASES[0],
+    pytest.param(*CASES[1], marks=_SLOW),
+    CASES[2],
+    pytest.param(*CASES[3], marks=_SLOW),
+]
 
 
 def _moved(p: dict) -> dict:
@@ -179,7 +185,7 @@ def test_predictive_with_result_params_draws_from_the_fit_not_the_init(fits):
     assert draws["y"].shape == (4000, fit.args[0].shape[0] - 1)  # posterior predictive
 
 
-@pytest.mark.parametrize("guide_name,model_name", CASES_KFAC_SLOW)
+@pytest.mark.parametrize("guide_name,model_name", CASES_DEFAULT_MF_EF)
 def test_predictive_matches_sample_posterior(fits, guide_name, model_name):
     """Predictive's latent draws have the means and sds of ``guide.sample_posterior`` at the
     given parameters (moved away from the initial values)."""
@@ -232,7 +238,7 @@ def test_a_model_site_named_like_a_parameter_is_refused():
 
 
 # -- item 2: Trace_ELBO and handlers on models with plates ----------------------------------------
-@pytest.mark.parametrize("guide_name,model_name", CASES)
+@pytest.mark.parametrize("guide_name,model_name", CASES_DEFAULT_MF_EF)
 def test_guide_sites_have_the_models_batch_and_event_dims(fits, guide_name, model_name):
     """handlers.trace of the substituted guide: every latent site has the model's batch and
     event shape, and its value lies in the site's support."""
@@ -263,7 +269,7 @@ def _ngvi_neg_elbo(guide, params, args, kwargs, n):
     return float(neg_elbo), float(sd_ratio), float(sd_logp)
 
 
-@pytest.mark.parametrize("guide_name,model_name", CASES_KFAC_SLOW)
+@pytest.mark.parametrize("guide_name,model_name", CASES_DEFAULT_MF_EF)
 def test_trace_elbo_agrees_with_ngvi_elbo(fits, guide_name, model_name):
     """NumPyro's Trace_ELBO with the guide's params equals ngvi's -ELBO within Monte Carlo
     error (2000 particles each, float64)."""
@@ -292,7 +298,9 @@ def _shapes(d):
     return {k: tuple(np.shape(v)) for k, v in d.items()}
 
 
-@pytest.mark.parametrize("guide_name", ["meanfield", "fullrank", "expfam"])
+@pytest.mark.parametrize(
+    "guide_name", ["meanfield", pytest.param("fullrank", marks=pytest.mark.slow), "expfam"]
+)
 def test_autoguide_methods_have_autonormals_keys_and_shapes(fits, auto_normal, guide_name):
     """median, quantiles and sample_posterior (no model args: the setup data, as AutoNormal)
     return the same sites, deterministic "theta" included, with the same shapes as
