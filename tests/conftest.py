@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import tempfile
 
 import jax
@@ -30,9 +31,12 @@ def pytest_configure(config):
     from ngvi.model.loader import bundled
 
     if os.environ.get("NGVI_TEST_JAX_CACHE", "1") != "0":
-        folder = os.environ.setdefault(
-            "NGVI_TEST_JAX_CACHE_DIR", tempfile.mkdtemp(prefix="ngvi-jax-cache-")
-        )
+        folder = os.environ.get("NGVI_TEST_JAX_CACHE_DIR")
+        if folder is None:  # the controller (or a run without xdist) makes it, and removes it
+            folder = os.environ["NGVI_TEST_JAX_CACHE_DIR"] = tempfile.mkdtemp(
+                prefix="ngvi-jax-cache-"
+            )
+            _OWN_CACHE.append(folder)
         jax.config.update("jax_compilation_cache_dir", folder)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
@@ -43,6 +47,15 @@ def pytest_configure(config):
             f"points are from an older install ({stale[:2]}): run `pip install -e . -c "
             "constraints.txt` from the repository root."
         )
+
+
+def pytest_unconfigure(config):
+    """Remove the compilation cache this process made (the workers' runs have ended by now)."""
+    while _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE.pop(), ignore_errors=True)
+
+
+_OWN_CACHE: list[str] = []
 
 
 def _x64() -> bool:
