@@ -117,24 +117,18 @@ def optimise(
 ) -> dict:
     """The optima of ``families`` (those the entry's guides use); the mean-field optimum, which
     the others start from, is reused from ``known`` when it is not asked for."""
-    if known and "meanfield" in known and "meanfield" not in families:
-        out = {"meanfield": known["meanfield"]}
-        for name, fn in (("fullrank", fullrank), ("expfam", expfam)):
-            if name in families and name in entry.guides:
-                t0 = time.perf_counter()
-                out[name] = fn(entry, out["meanfield"])
-                out[name]["seconds"] = round(time.perf_counter() - t0, 1)
-        return out
-    if ref is None:
-        target = assess.target64(entry)
-        start = {"loc": np.asarray(target.init_z), "scale": np.full(entry.dim, 0.1)}
-    else:
-        start = ref["start"]
     out = {}
-    t0 = time.perf_counter()
-    out["meanfield"] = meanfield(entry, start)
-    out["meanfield"]["seconds"] = round(time.perf_counter() - t0, 1)
-    out["meanfield"]["mean_error"] = mf_mean_error(entry, out["meanfield"], ref)
+    if known and "meanfield" in known and "meanfield" not in families:
+        out["meanfield"] = known["meanfield"]
+    else:
+        start = ref["start"] if ref is not None else None
+        if start is None:
+            target = assess.target64(entry)
+            start = {"loc": np.asarray(target.init_z), "scale": np.full(entry.dim, 0.1)}
+        t0 = time.perf_counter()
+        out["meanfield"] = meanfield(entry, start)
+        out["meanfield"]["seconds"] = round(time.perf_counter() - t0, 1)
+        out["meanfield"]["mean_error"] = mf_mean_error(entry, out["meanfield"], ref)
     for name, fn in (("fullrank", fullrank), ("expfam", expfam)):
         if name in families and name in entry.guides:
             t0 = time.perf_counter()
