@@ -343,24 +343,10 @@ class NGVI:
         after a crash finishes the same fit, bit for bit. ``callback(state)`` runs after each
         chunk (logging, custom stopping by raising KeyboardInterrupt).
         """
-        if not (isinstance(num_steps, (int, np.integer)) and num_steps >= 1):
-            raise ConfigError(f"num_steps must be a positive integer, got {num_steps!r}.")
-        if tol is not None and not (
-            isinstance(tol, (int, float, np.floating)) and math.isfinite(tol) and tol > 0
-        ):
-            raise ConfigError(
-                f"tol must be None (no convergence check) or a positive number of nats (the "
-                f"default 0.1 stops within about 0.1 nat of the optimum), got {tol!r}."
-            )
-        if checkpoint_every is not None:
-            if not (isinstance(checkpoint_every, (int, np.integer)) and checkpoint_every >= 1):
-                raise ConfigError(
-                    f"checkpoint_every must be a positive integer, got {checkpoint_every!r}."
-                )
-            chunk_size = int(checkpoint_every)
+        _check_run(num_steps, tol, checkpoint_every)
         state, stop_at = self._start(rng_key, num_steps, args, kwargs, init_state, checkpoint)
         dynamic, spec = _split_data(args, kwargs)
-        fn = self._compiled("run", spec, int(chunk_size))
+        fn = self._compiled("run", spec, int(checkpoint_every or chunk_size))
         tol_arr = jnp.asarray(-1.0 if tol is None else tol)
         infos, checks, interrupted = [], [], False
         bar = _progress(max(int(stop_at) - int(state.step), 0), progress_bar)
@@ -380,9 +366,8 @@ class NGVI:
                     save_checkpoint(checkpoint, state, self.guide)
                 if bar is not None:
                     bar.update(int(state.step) - before)
-                    bar.set_postfix(
-                        loss=f"{_last_finite(info.loss):.4g}", damping=f"{float(state.damping):.2g}"
-                    )
+                    loss, damping = _last_finite(info.loss), float(state.damping)
+                    bar.set_postfix(loss=f"{loss:.4g}", damping=f"{damping:.2g}")
                 if callback is not None:
                     callback(state)
                 if int(state.step) == before and not bool(convergence.due(state)):
@@ -501,6 +486,21 @@ def _check_hyper(lr, damping, num_particles, average, max_rejections) -> None:
         )
     if not (isinstance(max_rejections, (int, np.integer)) and max_rejections >= 1):
         raise ConfigError(f"max_rejections must be an integer >= 1, got {max_rejections!r}.")
+
+
+def _check_run(num_steps, tol, checkpoint_every) -> None:
+    """``NGVI.run``'s arguments: ConfigError naming the first that is not what it takes."""
+    if not (isinstance(num_steps, (int, np.integer)) and num_steps >= 1):
+        raise ConfigError(f"num_steps must be a positive integer, got {num_steps!r}.")
+    ok_tol = isinstance(tol, (int, float, np.floating)) and math.isfinite(tol) and tol > 0
+    if tol is not None and not ok_tol:
+        raise ConfigError(
+            f"tol must be None (no convergence check) or a positive number of nats (the "
+            f"default 0.1 stops within about 0.1 nat of the optimum), got {tol!r}."
+        )
+    every = checkpoint_every
+    if every is not None and not (isinstance(every, (int, np.integer)) and every >= 1):
+        raise ConfigError(f"checkpoint_every must be a positive integer, got {every!r}.")
 
 
 def timed(fn: Callable, *a, **k) -> tuple[Any, float]:

@@ -43,6 +43,7 @@ from ngvi.model.target import Target, init_candidates, join_data, make_target, s
 __all__ = [
     "DEFAULT_STARTS",
     "Guide",
+    "GuideDistribution",
     "GuideParams",
     "ParamLayout",
     "check_callable",
@@ -431,6 +432,28 @@ class Guide:
         return {
             s.name: biject_to(s.support)(unc[s.name]).reshape(lead + s.shape) for s in target.sites
         }
+
+
+class GuideDistribution(dist.Distribution):
+    """q(z) on the flat latent vector as a NumPyro distribution, for a guide with ``reparam`` and
+    ``log_prob_one(params, z)`` (the log density of one flat vector)."""
+
+    support = dist.constraints.real_vector
+
+    def __init__(self, guide: Guide, params: dict):
+        self.guide, self.params = guide, params
+        super().__init__(batch_shape=(), event_shape=(guide.target.dim,))
+
+    def sample(self, key, sample_shape=()):
+        d = self.guide.target.dim
+        eps = jax.random.normal(key, (int(np.prod(sample_shape)), d))
+        return self.guide.reparam(self.params, eps).reshape(tuple(sample_shape) + (d,))
+
+    def log_prob(self, value):
+        d = self.guide.target.dim
+        flat = value.reshape((-1, d))
+        lp = jax.vmap(lambda z: self.guide.log_prob_one(self.params, z))(flat)
+        return lp.reshape(value.shape[:-1])
 
 
 def check_quantiles(quantiles) -> jax.Array:

@@ -34,15 +34,8 @@ the engine's iterate averaging (a convex combination of lower-triangular factors
 diagonal is one; only the distribution is averaged, not the running statistics). At a refresh
 the roots move a fraction ``1 / (1 + damping)`` toward their new value (a rejected step, which
 raises the damping, shrinks the move). All carried statistics live in ``params`` behind
-``stop_gradient``; the weight noise is resampled every step (per minibatch).
-
-**True vs empirical Fisher.** ``fisher="true"`` (default) takes ``g`` with targets drawn from
-the model's own predictive ``y~ ~ p(y | x, W)``: ``E[g g^T]`` is then the Fisher information, a
-curvature matrix (the Gauss-Newton matrix for these likelihoods). ``fisher="empirical"`` uses the
-training labels: ``E[g g^T]`` over labels is the *uncentred gradient covariance*, which differs
-from the Fisher whenever the model does not yet fit the data (early in training it is dominated by
-the squared mean gradient, rank one per example, and it vanishes on examples that are already
-fit), so it mis-scales the step and the posterior covariance (Kunstner et al. 2019).
+``stop_gradient``; the weight noise is resampled every step (per minibatch). True vs empirical
+Fisher (``fisher=``): ``ngvi.guides.curvature``'s module docs.
 
 ``structure="diagonal"`` (``DiagonalFisherGuide``) keeps one Fisher entry per weight,
 ``F_ij = E[a_i^2 g_j^2]`` (the per-example squared gradients of VOGN), and a diagonal Gaussian
@@ -66,15 +59,21 @@ from jax import lax
 from jax.scipy.linalg import solve_triangular
 
 from ngvi.errors import ConfigError
-from ngvi.guides.base import Guide
+from ngvi.guides.base import Guide, GuideDistribution
 from ngvi.guides.curvature import (
+    amortized,
     damped_factors,
+    fold_fisher_stats,
+    initial_factors,
     kfac_precondition,
     layer_fisher_stats,
     layer_gradients,
+    loss_and_preactivation_grads,
     matrix_normal_kl,
     preactivation_zeros,
-    spd_inverse_root,
+    refresh_due,
+    refresh_factors,
+    stat_weight,
     tri_logdet,
 )
 from ngvi.guides.meanfield import MeanFieldGaussian
@@ -203,20 +202,12 @@ class KFACGuide(Guide):
             if L.b is not None:
                 M = jnp.concatenate([M, jnp.zeros((1, L.n_out))])
             p[f"{L.name}:M"] = M
-            p.update(self._init_curvature(L))
+            init = initial_factors(L.n_in, L.n_out, self.init_scale, self.diagonal)
+            p.update({f"{L.name}:{k}": v for k, v in init.items()})
         if self._mf_idx.size:
             p["mf:loc"] = jnp.asarray(target.init_z)[self._mf_idx]
             p["mf:scale"] = jnp.full(self._mf_idx.size, self.init_scale)
         return p
-
-    def _init_curvature(self, L: Layer) -> dict:
-        n, m = L.n_in, L.n_out
-        if self.diagonal:
-            return {f"{L.name}:F": jnp.ones((n, m)), f"{L.name}:std": jnp.full((n, m), 0.01)}
-        eye_n, eye_m = jnp.eye(n), jnp.eye(m)
-        names = ("A", "G", "iA", "iG", "SA", "SG")
-        vals = (eye_n, eye_m, eye_n, eye_m, eye_n * self.init_scale, eye_m)
-        return {f"{L.name}:{k}": v for k, v in zip(names, vals)}
 
     def _param_specs(self, target, init):
         pos = dist.constraints.positive
@@ -325,32 +316,23 @@ class KFACGuide(Guide):
         return h
 
     def flat_distribution(self, params: dict) -> dist.Distribution:
-        return _GuideDistribution(self, params)
+        return GuideDistribution(self, params)
 
     # -- curvature ----------------------------------------------------------------------------
     def value_and_grad(self, loss_and_logp, params: dict, step, ctx):
         """The engine's ``((-ELBO, log p per particle), grad)`` and, on a statistics step, the
         layer inputs and sampled-target pre-activation gradients of ``batch_grads``, from one
-        forward pass: the first particle's log density runs through ``LayerTap`` (inputs, a zero
-        perturbation ``delta`` on each pre-activation) and ``FisherLogLik`` (the log-likelihood
-        ``l~`` at the Fisher targets), and one ``vjp`` of ``(-ELBO, l~)`` with respect to
-        ``(params, delta)`` gives ``grad -ELBO`` (cotangent ``(1, 0)``) and ``d l~ / d s``
-        (cotangent ``(0, 1)``, a second backward pass, skipped between statistics steps). The
-        separate ``batch_grads`` would cost another forward and backward pass."""
-        args, kwargs = ctx.data
+        forward pass: the first particle's log density runs through ``LayerTap`` and
+        ``FisherLogLik``, and ``loss_and_preactivation_grads`` differentiates ``(-ELBO, l~)``."""
+        args, kwargs, mkey = *ctx.data, ctx.model_key
         step = jnp.asarray(step)
         do_stats = (step - params["stat_step"]) >= self.stats_every
         key = self._stats_key(ctx, step)
         fisher_key = jax.random.fold_in(key, 1) if self.fisher == "true" else None
         target = self.target
-        delta0 = preactivation_zeros(
-            self.model,
-            lambda m: target._replace(model=m).log_density(
-                target.init_z.astype(ctx.eps.dtype), args, kwargs, ctx.model_key
-            ),
-            tuple(L.name for L in self.layers),
-            ctx.eps.dtype,
-        )
+        z0, dtype, names = target.init_z, ctx.eps.dtype, tuple(L.name for L in self.layers)
+        run = lambda m: target._replace(model=m).log_density(z0.astype(dtype), args, kwargs, mkey)
+        delta0 = preactivation_zeros(self.model, run, names, dtype)
 
         # the weight perturbations S_A E S_G^T (no gradient: the covariance is not learned by
         # gradient) are kept for the engine's accept test (``reparam_proposal``)
@@ -360,17 +342,14 @@ class KFACGuide(Guide):
             z = jax.vmap(partial(self._reparam_one, p))(ctx.eps, noise)
             fisher = FisherLogLik(self.model, fisher_key)
             tap = LayerTap(fisher, delta=delta)
-            logp0 = target._replace(model=tap).log_density(z[0], args, kwargs, ctx.model_key)
-            rest = jax.vmap(lambda zi: target.log_density(zi, args, kwargs, ctx.model_key))
+            logp0 = target._replace(model=tap).log_density(z[0], args, kwargs, mkey)
+            rest = jax.vmap(lambda zi: target.log_density(zi, args, kwargs, mkey))
             logp = jnp.concatenate([logp0[None], rest(z[1:])]) if z.shape[0] > 1 else logp0[None]
             loss = -(jnp.mean(logp) + self.entropy(p))
             return (loss, fisher.value), (logp, tap.inputs)
 
-        (loss, _), vjp_fn, (logp, inputs) = jax.vjp(f, params, delta0, has_aux=True)
-        one, zero = jnp.ones_like(loss), jnp.zeros_like(loss)
-        grad = vjp_fn((one, zero))[0]
-        zeros = jax.tree.map(jnp.zeros_like, delta0)
-        grads = _every(self.stats_every, do_stats, lambda: vjp_fn((zero, one))[1], zeros)
+        stats = partial(amortized, self.stats_every, do_stats)
+        loss, (logp, inputs), grad, grads = loss_and_preactivation_grads(f, params, delta0, stats)
         return (loss, logp), grad, (inputs, grads, noise)
 
     def reparam_proposal(self, params: dict, proposal: dict, eps: jax.Array, ctx) -> jax.Array:
@@ -419,18 +398,21 @@ class KFACGuide(Guide):
             inputs, grads = ctx.curvature[:2]
         else:
             inputs, grads = self.batch_grads(params, ctx, step)
-        beta = jnp.maximum(1.0 / (params["stat_count"] + 1.0), self.stat_decay)
+        beta = stat_weight(params["stat_count"], self.stat_decay)
         new = {"stat_step": step.astype(params["stat_step"].dtype)}
         new["stat_count"] = params["stat_count"] + 1.0
         rows = lambda x: x.reshape(-1, x.shape[-1])[: self.stats_batch]
         for L in self.layers:
             a, g = rows(inputs[L.name]), rows(grads[L.name])
-            stats = layer_fisher_stats(a, g, L.b is not None, self.diagonal)
-            keys = ("F",) if self.diagonal else ("A", "G")
-            stats = (stats,) if self.diagonal else stats
-            for k, s in zip(keys, stats):
-                new[f"{L.name}:{k}"] = (1 - beta) * params[f"{L.name}:{k}"] + beta * s
+            old = {k: params[f"{L.name}:{k}"] for k in self._factor_keys}
+            folded = fold_fisher_stats(old, a, g, L.b is not None, self.diagonal, beta)
+            new.update({f"{L.name}:{k}": v for k, v in folded.items()})
         return new
+
+    @property
+    def _factor_keys(self) -> tuple:
+        """The running factors of a layer: ``F`` (diagonal) or ``A``, ``G``."""
+        return ("F",) if self.diagonal else ("A", "G")
 
     def natural_step(self, params: dict, grad: dict, lr, damping, step, ctx=None) -> dict:
         """Every ``stats_every`` steps update the running curvature; every ``inverse_every``
@@ -442,17 +424,13 @@ class KFACGuide(Guide):
         new = dict(params)
         do_stats = (step - params["stat_step"]) >= self.stats_every
         keys = ["stat_step", "stat_count"] + [
-            f"{L.name}:{k}" for L in self.layers for k in (("F",) if self.diagonal else "AG")
+            f"{L.name}:{k}" for L in self.layers for k in self._factor_keys
         ]
         old = {k: params[k] for k in keys}
-        new.update(
-            _every(self.stats_every, do_stats, lambda: self._update_stats(params, ctx, step), old)
-        )
-        # invert at every statistics update while the running factors are young (their first
-        # 1 / stat_decay updates, each moving them by 1/k): stale inverses in that phase made
-        # the first steps overshoot (on the digits BNN 5 of the first 7 steps were rejected)
-        young = new["stat_count"] * self.stat_decay <= 1.0
-        redo = ((step - params["inv_step"]) >= self.inverse_every) | (do_stats & young)
+        update = lambda: self._update_stats(params, ctx, step)
+        new.update(amortized(self.stats_every, do_stats, update, old))
+        count, last = new["stat_count"], params["inv_step"]
+        redo = refresh_due(step, last, count, do_stats, self.inverse_every, self.stat_decay)
         new["inv_step"] = jnp.where(redo, step, params["inv_step"]).astype(params["inv_step"].dtype)
         t = 1.0 / (1.0 + damping)  # trust region on the covariance too: a rejected step shrinks it
         if self.diagonal:
@@ -463,7 +441,7 @@ class KFACGuide(Guide):
             refresh = lambda: {
                 k: v for L in self.layers for k, v in self._refresh(L, new, t).items()
             }
-            new.update(_every(self.inverse_every, redo, refresh, kept))
+            new.update(amortized(self.inverse_every, redo, refresh, kept))
             for L in self.layers:
                 n = L.name
                 step_M = kfac_precondition(grad[f"{n}:M"], new[f"{n}:iA"], new[f"{n}:iG"])
@@ -476,20 +454,12 @@ class KFACGuide(Guide):
         return new
 
     def _refresh(self, L, p, t) -> dict:
-        """Invert the layer's damped running factors (``spd_inverse_root``: one Cholesky each,
-        for the inverse and its lower-triangular root) and move the covariance roots a fraction
-        ``t`` toward ``chol((N PA)^-1)``, ``chol(PG^-1)``."""
-        n = L.name
-        N, gamma = self.num_data, L.prior_prec / self.num_data
-        PA, PG = damped_factors(p[f"{n}:A"], p[f"{n}:G"], gamma)
-        (iA, RA), (iG, SG) = spd_inverse_root(PA), spd_inverse_root(PG)
-        SA = RA / math.sqrt(N)
-        return {
-            f"{n}:iA": iA,
-            f"{n}:iG": iG,
-            f"{n}:SA": p[f"{n}:SA"] + t * (SA - p[f"{n}:SA"]),
-            f"{n}:SG": p[f"{n}:SG"] + t * (SG - p[f"{n}:SG"]),
-        }
+        """The layer's ``iA``, ``iG``, ``SA``, ``SG`` from its running factors (``refresh_factors``
+        with ``gamma = prior_precision / N``: inverses, roots moved a fraction ``t``)."""
+        A, G, SA, SG = (p[f"{L.name}:{k}"] for k in ("A", "G", "SA", "SG"))
+        gamma = L.prior_prec / self.num_data
+        new = refresh_factors(A, G, SA, SG, gamma, self.num_data, t)
+        return {f"{L.name}:{k}": v for k, v in zip(_ROOTS, new)}
 
     def _diag_step(self, L, p, gM, lr, t) -> dict:
         n = L.name
@@ -519,33 +489,6 @@ class KFACGuide(Guide):
 
 
 _ROOTS = ("iA", "iG", "SA", "SG")
-
-
-def _every(period: int, due, fn: Callable, kept):
-    """``fn()`` if ``due`` else ``kept``; with ``period == 1`` (always due) ``fn()`` with no
-    ``lax.cond`` around it."""
-    return fn() if period == 1 else lax.cond(due, fn, lambda: kept)
-
-
-class _GuideDistribution(dist.Distribution):
-    """q(z) on the flat latent vector as a NumPyro distribution (sampling and density)."""
-
-    support = dist.constraints.real_vector
-
-    def __init__(self, guide: KFACGuide, params: dict):
-        self.guide, self.params = guide, params
-        super().__init__(batch_shape=(), event_shape=(guide.target.dim,))
-
-    def sample(self, key, sample_shape=()):
-        d = self.guide.target.dim
-        eps = jax.random.normal(key, (int(np.prod(sample_shape)), d))
-        return self.guide.reparam(self.params, eps).reshape(tuple(sample_shape) + (d,))
-
-    def log_prob(self, value):
-        d = self.guide.target.dim
-        flat = value.reshape((-1, d))
-        lp = jax.vmap(lambda z: self.guide.log_prob_one(self.params, z))(flat)
-        return lp.reshape(value.shape[:-1])
 
 
 def DiagonalFisherGuide(model: Callable, **kwargs: Any) -> KFACGuide:

@@ -334,13 +334,42 @@ def compare(
     key = jax.random.PRNGKey(0) if rng_key is None else rng_key
     guide = MeanFieldGaussian(model)
     guide.setup(jax.random.PRNGKey(0), args, kwargs)
-    lrs = advi_lrs if "advi" in methods else ()
+    picked, extras = _ngvi_and_best_advi(
+        model, args, kwargs, methods, ngvi_steps, advi_steps, advi_lrs, advi_particles, key
+    )
+    as_idata = partial(
+        to_inference_data,
+        num_samples=num_draws,
+        rng_key=key,
+        posterior_predictive=posterior_predictive,
+    )
+    draws, table, idatas = _meanfield_draws(guide, picked, args, kwargs, key, num_draws, as_idata)
+    if "fullrank" in methods:
+        draws["fullrank"], row, idatas["fullrank"] = _fullrank(
+            model, args, kwargs, ngvi_steps, num_draws, key, as_idata
+        )
+        table.append(row)
+    if "nuts" in methods:
+        _add_nuts(
+            model, args, kwargs, nuts_warmup, nuts_samples, num_chains, key, draws, table, idatas
+        )
+    extras = {**extras, "draws": draws, "picked": [t for _, t in picked], "idata": idatas}
+    if plot:
+        _plots(plot, extras, draws, pair)
+    return pd.DataFrame(table), extras
+
+
+def _ngvi_and_best_advi(
+    model, args, kwargs, methods, ngvi_steps, advi_steps, advi_lrs, advi_particles, key
+):
+    """``compare_vi``'s extras and its (row, trace) pairs that ``compare`` reports: NGVI when
+    asked and the best ADVI run (ADVI runs only when asked)."""
     rows, extras = compare_vi(
         model,
         *args,
         ngvi_steps=ngvi_steps,
         advi_steps=advi_steps,
-        advi_lrs=lrs,
+        advi_lrs=advi_lrs if "advi" in methods else (),
         advi_particles=advi_particles,
         rng_key=key,
         **kwargs,
@@ -350,43 +379,30 @@ def compare(
         for r, t in zip(rows, extras["traces"])
         if (r["method"] == "ngvi" and "ngvi" in methods) or r.get("best_advi")
     ]
+    return picked, extras
+
+
+def _meanfield_draws(guide, picked, args, kwargs, key, num_draws, as_idata):
+    """Draws, table rows (with PSIS k-hat) and InferenceData of the picked mean-field fits."""
     draws, table, idatas = {}, [], {}
-    as_idata = partial(
-        to_inference_data,
-        num_samples=num_draws,
-        rng_key=key,
-        posterior_predictive=posterior_predictive,
-    )
     for row, tr in picked:
         m, params = row["method"], {"loc": tr.loc, "scale": tr.scale}
         draws[m] = guide.sample_posterior(key, params, sample_shape=(num_draws,))
         idatas[m] = as_idata(guide, params, *args, settings={"method": m, **tr.settings}, **kwargs)
         table.append({**row, "khat": idatas[m].posterior.attrs["psis_khat"]})
-    if "fullrank" in methods:
-        draws["fullrank"], row, idatas["fullrank"] = _fullrank(
-            model, args, kwargs, ngvi_steps, num_draws, key, as_idata
-        )
-        table.append(row)
-    if "nuts" in methods:
-        samples, idatas["nuts"], info = _nuts_reference(
-            model, args, kwargs, nuts_warmup, nuts_samples, num_chains, key
-        )
-        draws["nuts"] = samples
-        for row in table:
-            row.update(_site_errors(draws[row["method"]], samples))
-        table.append(
-            {
-                "method": "nuts",
-                "seconds": info["seconds"],
-                "grad_evals": info["grad_evals"],
-                "r_hat_max": info["r_hat_max"],
-                "ess_bulk_min": info["ess_bulk_min"],
-            }
-        )
-    extras = {**extras, "draws": draws, "picked": [t for _, t in picked], "idata": idatas}
-    if plot:
-        _plots(plot, extras, draws, pair)
-    return pd.DataFrame(table), extras
+    return draws, table, idatas
+
+
+def _add_nuts(model, args, kwargs, warmup, samples, chains, key, draws, table, idatas) -> None:
+    """Run the NUTS reference into ``draws``, ``idatas`` and ``table``: each row so far gets its
+    errors in NUTS-sd units (``_site_errors``), and a NUTS row (time, R-hat, ESS) is added."""
+    nuts_draws, idatas["nuts"], info = _nuts_reference(
+        model, args, kwargs, warmup, samples, chains, key
+    )
+    draws["nuts"] = nuts_draws
+    for row in table:
+        row.update(_site_errors(draws[row["method"]], nuts_draws))
+    table.append({"method": "nuts", **info})
 
 
 def _fullrank(model, args, kwargs, steps, num_draws, key, as_idata):
