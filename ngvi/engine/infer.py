@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -501,10 +500,3 @@ def _check_run(num_steps, tol, checkpoint_every) -> None:
     every = checkpoint_every
     if every is not None and not (isinstance(every, (int, np.integer)) and every >= 1):
         raise ConfigError(f"checkpoint_every must be a positive integer, got {every!r}.")
-
-
-def timed(fn: Callable, *a, **k) -> tuple[Any, float]:
-    """Call fn and return (result, seconds), blocking on JAX arrays."""
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn(*a, **k))
-    return out, time.perf_counter() - t0
