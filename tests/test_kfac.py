@@ -375,3 +375,25 @@ def test_regressor_beats_baseline_and_advi():
     print(f"\nK-FAC rmse {kfac.rmse:.3f} nll {kfac.nll:.3f}; ADVI {advi.rmse:.3f} {advi.nll:.3f}")
     assert kfac.rmse < 0.9 * base_rmse and kfac.nll < base_nll - 0.1
     assert kfac.rmse <= advi.rmse and kfac.nll <= advi.nll
+
+
+def test_bernoulli_predictive_metrics_equal_the_two_class_categorical():
+    """A Bernoulli(logits=l) likelihood is a Categorical over logits (0, l): evaluate_bnn gives
+    it the same NLL, accuracy and ECE (classification metrics, no RMSE)."""
+    from ngvi.nn.metrics import evaluate_bnn
+
+    def bern(X, y=None):
+        w = numpyro.sample("w", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        numpyro.sample("y", dist.Bernoulli(logits=X @ w), obs=y)
+
+    def cat(X, y=None):
+        w = numpyro.sample("w", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        logits = jnp.stack([jnp.zeros(X.shape[0]), X @ w], -1)
+        numpyro.sample("y", dist.Categorical(logits=logits), obs=y)
+
+    X = jax.random.normal(jax.random.PRNGKey(0), (50, 2))
+    y = (X[:, 0] + 0.5 * jax.random.normal(jax.random.PRNGKey(1), (50,)) > 0).astype(jnp.int32)
+    samples = {"w": 1.0 + 0.5 * jax.random.normal(jax.random.PRNGKey(2), (16, 2))}
+    b, c = evaluate_bnn(bern, samples, X, y), evaluate_bnn(cat, samples, X, y)
+    np.testing.assert_allclose([b.nll, b.accuracy, b.ece], [c.nll, c.accuracy, c.ece], rtol=1e-5)
+    assert 0.5 < b.accuracy <= 1.0 and b.ece > 0 and np.isnan(b.rmse)

@@ -27,18 +27,23 @@ class Metrics(NamedTuple):
 
 
 _CATEGORICAL = (dist.CategoricalLogits, dist.CategoricalProbs)
+_BERNOULLI = (dist.BernoulliLogits, dist.BernoulliProbs)
 
 
 def _observed(model, sample: dict, X, y):
-    """Log-likelihood per example and the predictive mean (class probabilities or the mean) of
-    the model's first observed site, for one weight sample."""
+    """Log-likelihood per example and the predictive mean (class probabilities, a Bernoulli's as
+    two classes, or the mean) of the model's first observed site, for one weight sample."""
     tr = trace(substitute(seed(model, 0), data=sample)).get_trace(X, y=y)
     site = next(s for s in tr.values() if s["type"] == "sample" and s["is_observed"])
     fn = site["fn"]
     while isinstance(fn, (dist.ExpandedDistribution, dist.Independent)):
         fn = fn.base_dist
-    out = fn.probs if isinstance(fn, _CATEGORICAL) else fn.mean
-    return fn.log_prob(site["value"]), out, jnp.asarray(isinstance(fn, _CATEGORICAL))
+    if isinstance(fn, _BERNOULLI):  # two classes: probabilities (1 - p, p)
+        out = jnp.stack([1.0 - fn.probs, fn.probs], axis=-1)
+    else:
+        out = fn.probs if isinstance(fn, _CATEGORICAL) else fn.mean
+    classes = isinstance(fn, _CATEGORICAL + _BERNOULLI)
+    return fn.log_prob(site["value"]), out, jnp.asarray(classes)
 
 
 @functools.lru_cache(maxsize=16)
