@@ -72,13 +72,16 @@ def test_convergence_bound_reads_the_tail():
     slower tail (the ratio read at the last change's upper bound); infinite when the fit may not
     have slowed down; NaN is never converged."""
     assert convergence_bound(0.01, 0.005, math.nan, math.nan) == pytest.approx(0.04)
-    assert convergence_bound(0.01, 0.005, 0.015, 0.01) == pytest.approx(0.04)  # flat before
+    assert convergence_bound(0.01, 0.005, 0.009, 0.01) == pytest.approx(0.04)  # flat before
     assert convergence_bound(0.01, 0.0, 0.1, 0.0) == pytest.approx(0.02)  # fast: factor 2
     slow = convergence_bound(0.06, 0.01, 0.1, 0.01)  # r = (0.06 + 0.02) / 0.1: r / (1 - r) = 4
     assert slow == pytest.approx(4 * 0.08)
     # a creep gaining ~0.043 nat a window (1.2 nat from its optimum) whose last window came out
     # low by noise: the point ratio 0.55 would give 2 * 0.047 < 0.1; its upper bound is >= 1
     assert convergence_bound(0.0236, 0.0117, 0.0427, 0.0168) == math.inf
+    # a previous window 1.8 se above zero is not flat (a centred funnel, 0.12 nat from its
+    # optimum: factor 2 would pass it at 0.072)
+    assert convergence_bound(0.0058, 0.0149, 0.0299, 0.0163) == math.inf
     assert convergence_bound(0.1, 0.0, 0.1, 0.0) == math.inf
     assert convergence_bound(-0.2, 0.0, 0.1, 0.0) == math.inf  # worse than before: not slowing
     assert convergence_bound(math.nan, 0.0, 0.1, 0.0) == math.inf

@@ -247,14 +247,16 @@ def convergence_bound(change: float, se: float, previous: float, previous_se: fl
     logarithmic tail) must not pass on one window whose change came out low by noise (measured:
     a linear regression's exp-family fit gaining 0.04 nat a window, 1.2 nat from its optimum,
     passed on a window measured at 0.024 +/- 0.012). So the bound is
-    ``max(2, r / (1 - r)) (|c| + 2 se)``, with ``r`` counted only when the previous change is
-    significant (``|c_prev| > 2 se_prev``: a window already flat says the tail is over), and
-    infinite when ``r >= 1`` (the fit may not be slowing down)."""
+    ``max(2, r / (1 - r)) (|c| + 2 se)``, with ``r`` counted unless the previous change is
+    within one standard error of zero (``|c_prev| <= se_prev``: a window already flat says the
+    tail is over; a window that gained 1.8 se is not flat: a centred funnel whose average
+    converges like ``P^-0.7`` passed on such a pair 0.12 nat from its optimum), and infinite when
+    ``r >= 1`` (the fit may not be slowing down)."""
     upper = abs(change) + 2.0 * se
     if not math.isfinite(upper):
         return math.inf
     factor = 2.0
-    if math.isfinite(previous) and abs(previous) > 2.0 * previous_se:
+    if math.isfinite(previous) and abs(previous) > previous_se:
         r = upper / abs(previous)
         factor = math.inf if r >= 1 else max(factor, r / (1.0 - r))
     return factor * upper
