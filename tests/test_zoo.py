@@ -52,10 +52,7 @@ def test_references_cover_every_model():
 PENDING = {
     ("bnn_sine", "fullrank"),
     ("bnn_sine", "expfam"),
-    ("irt_2pl", "expfam"),
-    ("local_level", "expfam"),
     ("stochastic_volatility", "expfam"),
-    ("stochastic_volatility_noncentered", "expfam"),
 }
 
 
