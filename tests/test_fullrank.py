@@ -154,3 +154,56 @@ def test_auto_hessian_is_exact_up_to_moderate_dimension():
     guide.setup(KEY)
     assert guide.hessian == "auto" and guide.resolved_hessian == "exact"
     assert FullRankGaussian(model, hessian="stein").hessian == "stein"
+
+
+def _lasso_point(prior):
+    """w ~ prior, y ~ N(w, 1) (5 points), and a q centred on the prior's kink at 0."""
+    import numpyro
+    import numpyro.distributions as dist
+
+    def model(y):
+        w = numpyro.sample("w", prior)
+        with numpyro.plate("n", y.shape[0]):
+            numpyro.sample("y", dist.Normal(w, 1.0), obs=y)
+
+    y = jnp.asarray(np.random.default_rng(0).normal(0.0, 1.0, 5))
+    return model, (y,)
+
+
+@pytest.mark.parametrize("hessian", ["auto", "exact"])
+def test_verify_fit_sees_the_curvature_of_a_kink(hessian):
+    """A Laplace(0, 0.1) prior has a kink at 0 whose curvature autodiff's Hessian misses: at
+    q = N(0, 0.2^2), E[-hess log p] = 5 (the data) by autodiff, 5 + 2 q(0) / 0.1 ~ 45 by Stein.
+    verify_fit says so: "auto" switches to Stein's estimate, an explicit "exact" names the fix;
+    a smooth Normal(0, 0.1) prior passes with the exact estimate kept."""
+    import numpyro.distributions as dist
+
+    from ngvi.guides.fullrank import KinkWarning
+
+    model, args = _lasso_point(dist.Laplace(0.0, 0.1))
+    guide = FullRankGaussian(model, hessian=hessian)
+    guide.setup(KEY, args)
+    params = {"loc": jnp.zeros(1), "prec_tril": jnp.full((1, 1), 5.0)}
+    with pytest.warns(KinkWarning, match="misses curvature"):
+        msg = guide.verify_fit(params, (args, {}), KEY)
+    if hessian == "auto":
+        assert "switched to hessian='stein'" in msg and guide.resolved_hessian == "stein"
+        assert guide.verify_fit(params, (args, {}), KEY) is None  # Stein has nothing to verify
+    else:
+        assert "use hessian='stein'" in msg and guide.resolved_hessian == "exact"
+    smooth, args = _lasso_point(dist.Normal(0.0, 0.1))
+    guide = FullRankGaussian(smooth)
+    guide.setup(KEY, args)
+    assert guide.verify_fit(params, (args, {}), KEY) is None
+    assert guide.resolved_hessian == "exact"
+
+
+def test_misses_curvature_counts_standard_errors_and_size():
+    """Equal means never miss; a 20% deficit is found once it exceeds 5 standard errors."""
+    from ngvi.guides.fullrank import misses_curvature
+
+    rng = np.random.default_rng(1)
+    stein = jnp.asarray(10.0 + rng.normal(size=(2048, 3)) * 10.0)
+    assert not misses_curvature(jnp.full((64, 3), 10.0), stein)
+    assert misses_curvature(jnp.full((64, 3), 8.0).at[:, 1].set(10.0), stein)  # se ~0.22
+    assert not misses_curvature(jnp.full((64, 3), 9.5), stein)  # 5% (2.3 se): not a kink

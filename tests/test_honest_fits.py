@@ -311,6 +311,32 @@ def test_converged_state_continues_when_asked_for_more_steps():
     assert more.num_steps >= 10 and int(more.state.step) == first.num_steps + more.num_steps
 
 
+class _Doubting(MeanFieldGaussian):
+    """A family whose first ``doubts`` verifications fail (``Guide.verify_fit``)."""
+
+    def __init__(self, model, doubts):
+        super().__init__(model)
+        self.doubts, self.calls = doubts, 0
+
+    def verify_fit(self, params, data, rng_key):
+        self.calls += 1
+        return "not yet" if self.calls <= self.doubts else None
+
+
+def test_a_passed_check_stands_only_once_the_guide_verifies_the_fit():
+    """A check that passes but whose fit the guide refuses (``verify_fit``) is not convergence:
+    the run goes on (recompiled: the guide may step differently now) and converges at a later
+    check the guide accepts."""
+    model, args, kwargs = models.load("normal_normal")
+    trusting, _ = _run(NGVI(model, MeanFieldGaussian(model)), *args, steps=500, **kwargs)
+    guide = _Doubting(model, doubts=1)
+    doubted, _ = _run(NGVI(model, guide), *args, steps=500, **kwargs)
+    assert trusting.converged and doubted.converged and guide.calls == 2
+    assert doubted.num_steps > trusting.num_steps
+    assert [c.passed for c in doubted.checks].count(True) == 1  # the refused one reads failed
+    assert doubted.checks[-1].passed
+
+
 # -- the default start -----------------------------------------------------------------------------
 def stochastic_volatility(returns):
     """NumPyro's stochastic-volatility example: a Gaussian random-walk log volatility with an

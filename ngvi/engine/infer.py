@@ -229,10 +229,16 @@ class NGVI:
         return levenberg_marquardt(damping, verdict, self.damping)
 
     def _check(self, state: NGVIState, dynamic, spec, tol: float) -> tuple[NGVIState, CheckInfo]:
-        """``ngvi.engine.convergence.run_check`` on the compiled ``evaluate``."""
+        """``ngvi.engine.convergence.run_check`` on the compiled ``evaluate``; a passed check
+        stands only if the guide verifies its estimates there (``Guide.verify_fit``)."""
         fn = self._compiled("evaluate", spec)
         evaluate = lambda s, key: fn(s, dynamic, key)
-        return convergence.run_check(state, evaluate, tol, self.num_particles, self.average)
+        state, info = convergence.run_check(state, evaluate, tol, self.num_particles, self.average)
+        key = jax.random.fold_in(state.rng_key, 3)
+        if info.passed and self.guide.verify_fit(state.avg_params, _join_data(dynamic, spec), key):
+            self._jitted.clear()  # the guide changed how it steps
+            state, info = state._replace(converged=jnp.array(False)), info._replace(passed=False)
+        return state, info
 
     def _step_kl(self, old, new, accept, dtype):
         """KL(q_old || q_new) of an accepted step (0 when rejected), with a trust region only."""
@@ -345,7 +351,7 @@ class NGVI:
         _check_run(num_steps, tol, checkpoint_every)
         state, stop_at = self._start(rng_key, num_steps, args, kwargs, init_state, checkpoint)
         dynamic, spec = _split_data(args, kwargs)
-        fn = self._compiled("run", spec, int(checkpoint_every or chunk_size))
+        chunk = int(checkpoint_every or chunk_size)
         tol_arr = jnp.asarray(-1.0 if tol is None else tol)
         infos, checks, interrupted = [], [], False
         bar = _progress(max(int(stop_at) - int(state.step), 0), progress_bar)
@@ -359,6 +365,7 @@ class NGVI:
                 if int(state.step) >= int(stop_at) or _should_stop(state, self):
                     break
                 before = int(state.step)
+                fn = self._compiled("run", spec, chunk)  # again after a check that recompiled
                 state, info = fn(state, dynamic, tol_arr, stop_at)
                 infos.append(info)
                 if checkpoint is not None:

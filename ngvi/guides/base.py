@@ -242,6 +242,13 @@ class Guide:
     def kl(self, p: dict, q: dict) -> jax.Array:
         raise NotImplementedError
 
+    def verify_fit(self, params: dict, data: tuple, rng_key: jax.Array) -> str | None:
+        """Called by ``NGVI.run`` when a convergence check passes: why the family's own
+        estimates cannot be trusted at ``params`` (the guide has warned, and may have changed
+        how it steps: the engine then refuses convergence and recompiles), or ``None``. ``data``
+        is ``(args, kwargs)``. The base family has nothing to verify."""
+        return None
+
     def average(self, avg: dict, params: dict, w) -> dict:
         """Move the reported iterate average a fraction ``w`` towards ``params``; guides whose
         params carry running statistics (not a distribution) may keep those out of it."""
