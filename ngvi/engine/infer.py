@@ -236,7 +236,6 @@ class NGVI:
         state, info = convergence.run_check(state, evaluate, tol, self.num_particles, self.average)
         key = jax.random.fold_in(state.rng_key, 3)
         if info.passed and self.guide.verify_fit(state.avg_params, _join_data(dynamic, spec), key):
-            self._jitted.clear()  # the guide changed how it steps
             state, info = state._replace(converged=jnp.array(False)), info._replace(passed=False)
         return state, info
 
@@ -250,7 +249,7 @@ class NGVI:
     def _compiled(self, name: str, spec, chunk: int = 0):
         """The jitted ``update``, ``evaluate`` or ``run`` chunk (which stops early at a due
         convergence check when ``tol > 0``)."""
-        key = (name, spec, chunk)
+        key = (name, spec, chunk, self.guide.step_variant)  # a guide may change its step
         if key not in self._jitted:
             if name == "update":
 
@@ -365,7 +364,7 @@ class NGVI:
                 if int(state.step) >= int(stop_at) or _should_stop(state, self):
                     break
                 before = int(state.step)
-                fn = self._compiled("run", spec, chunk)  # again after a check that recompiled
+                fn = self._compiled("run", spec, chunk)  # the guide's step_variant may change
                 state, info = fn(state, dynamic, tol_arr, stop_at)
                 infos.append(info)
                 if checkpoint is not None:

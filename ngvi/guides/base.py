@@ -245,8 +245,15 @@ class Guide:
     def verify_fit(self, params: dict, data: tuple, rng_key: jax.Array) -> str | None:
         """Called by ``NGVI.run`` when a convergence check passes: why the family's own
         estimates cannot be trusted at ``params`` (the guide has warned, and may have changed
-        how it steps: the engine then refuses convergence and recompiles), or ``None``. ``data``
-        is ``(args, kwargs)``. The base family has nothing to verify."""
+        how it steps, which ``step_variant`` then says), or ``None``; the engine refuses the
+        convergence. ``data`` is ``(args, kwargs)``. The base family has nothing to verify."""
+        return None
+
+    @property
+    def step_variant(self) -> Any:
+        """A hashable naming how the family steps now, part of the key of the engine's compiled
+        programs (``FullRankGaussian``: its resolved Hessian estimator); the base family has
+        one way."""
         return None
 
     def average(self, avg: dict, params: dict, w) -> dict:

@@ -271,6 +271,10 @@ class FullRankGaussian(Guide):
             return self.hessian
         return "stein" if self.kinks else auto_hessian(self.target.dim)
 
+    @property
+    def step_variant(self) -> str:
+        return self.resolved_hessian
+
     def verify_fit(self, params: dict, data: tuple, rng_key: jax.Array) -> str | None:
         """The kink check of the module docstring, when the exact Hessian is in use."""
         if self.resolved_hessian != "exact":
