@@ -53,12 +53,9 @@ def test_data(name: str, n: int = 2000) -> tuple[jax.Array, jax.Array]:
 
 
 def initial_means(guide: ngvi.KFACGuide) -> dict:
-    params = guide.init_params(guide.target)
-    means = {}
-    for layer in guide.layers:
-        m = params[f"{layer.name}:M"]
-        means[layer.w.name], means[layer.b.name] = m[:-1], m[-1]
-    return means
+    """The guide's initial means per site (its median: K-FAC's q is symmetric), for
+    ``init_to_value``."""
+    return guide.median(guide.numpyro_params(guide.init_params(guide.target)))
 
 
 def run(name: str, epochs: int, batch_size: int, seed: int) -> dict:
