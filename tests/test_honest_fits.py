@@ -337,6 +337,37 @@ def test_a_passed_check_stands_only_once_the_guide_verifies_the_fit():
     assert doubted.checks[-1].passed
 
 
+def test_a_noisy_pass_doubles_the_particles_and_the_state_keeps_them(monkeypatch, tmp_path):
+    """A check that passes while the iterates' excess over their average is above
+    ``EXCESS_MAX * tol`` (``ngvi.engine.convergence``, noise bias) is refused and the particles
+    double, up to ``MAX_BOOST`` times: the checks record the excess and the particles of their
+    window, the state carries the factor (a continued or checkpointed fit keeps it), and a
+    fresh run starts from ``num_particles`` again."""
+    from ngvi.engine import convergence
+
+    model, args, kwargs = models.load("normal_normal")
+    quiet, _ = _run(NGVI(model, MeanFieldGaussian(model)), *args, steps=500, **kwargs)
+    assert quiet.converged and all(c.particles == 8 for c in quiet.checks)
+    assert all(math.isfinite(c.excess) for c in quiet.checks)
+    assert int(quiet.state.boost) == 1
+
+    monkeypatch.setattr(convergence, "EXCESS_MAX", -math.inf)  # every pass counts as noisy
+    engine = NGVI(model, MeanFieldGaussian(model))
+    path = str(tmp_path / "fit.npz")
+    noisy, _ = _run(engine, *args, steps=2000, checkpoint=path, **kwargs)
+    passes = [c.particles for c in noisy.checks if c.bound <= 0.1 and c.progress >= 20]
+    assert passes[:3] == [8, 16, 32], "refused at 8 and 16 particles, accepted at 32"
+    assert noisy.converged and noisy.checks[-1].passed and noisy.checks[-1].particles == 32
+    assert int(noisy.state.boost) == convergence.MAX_BOOST
+    assert noisy.num_steps > quiet.num_steps
+    resumed, _ = _run(engine, *args, steps=2000, checkpoint=path, **kwargs)
+    assert int(resumed.state.boost) == convergence.MAX_BOOST
+    more = engine.run(None, 30, *args, init_state=noisy.state, progress_bar=False, **kwargs)
+    assert all(c.particles == 32 for c in more.checks)
+    fresh, _ = _run(engine, *args, steps=500, **kwargs)
+    assert fresh.checks[0].particles == 8
+
+
 # -- the default start -----------------------------------------------------------------------------
 def stochastic_volatility(returns):
     """NumPyro's stochastic-volatility example: a Gaussian random-walk log volatility with an

@@ -24,7 +24,7 @@ from ngvi.errors import NGVIError
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint"]
 
-_FORMAT = "ngvi-checkpoint-2"  # 2: the convergence check's state (progress, reference fit)
+_FORMAT = "ngvi-checkpoint-3"  # 2: the convergence check's state; 3: the particles' boost
 _META = "__meta__"
 
 

@@ -100,7 +100,7 @@ def _bad_draws_note(engine, info) -> str | None:
     late = bad[bad.shape[0] // 2 :]
     if not late.size or not np.any(late > 0):
         return None
-    total = late.size * engine.num_particles
+    total = late.size * engine.particles
     return (
         f"{int(late.sum())} of {total} draws in the last half of the run had a non-finite log "
         "density at the current parameters (NaN, or an overflow) and were dropped: q puts mass "

@@ -40,6 +40,7 @@ from ngvi.engine import convergence
 from ngvi.engine.checkpoint import load_checkpoint, save_checkpoint
 from ngvi.engine.convergence import CheckInfo
 from ngvi.engine.diagnose import fit_error_message, warn_if_not_honest
+from ngvi.engine.settings import check_hyper, check_run, engine_defaults
 from ngvi.engine.state import NGVIInfo, NGVIRunResult, NGVIState, StepContext
 from ngvi.engine.step import (
     Verdict,
@@ -67,6 +68,8 @@ class NGVI:
         form (see each guide).
     :param num_particles: Monte Carlo samples per step (antithetic pairs when even). None
         (default): the guide's ``engine_defaults["num_particles"]`` (``KFACGuide``: 1), else 8.
+        ``run`` doubles them (up to 4x) rather than converge while their noise may bias the fit
+        (``ngvi.engine.convergence``); ``particles`` is the count now.
     :param adapt_damping: Levenberg-Marquardt adaptation of the damping.
     :param average: decay of the moving average of iterates reported as the fit (0 = last iterate).
     :param max_rejections: consecutive rejected steps after which ``run`` stops with ``FitError``.
@@ -95,8 +98,8 @@ class NGVI:
                 f"guide must be an ngvi guide (e.g. ngvi.MeanFieldGaussian(model)), got "
                 f"{type(guide).__name__}; for NumPyro autoguides use ngvi.advi."
             )
-        lr, num_particles = _engine_defaults(guide, lr=lr, num_particles=num_particles)
-        _check_hyper(lr, damping, num_particles, average, max_rejections)
+        lr, num_particles = engine_defaults(guide, lr=lr, num_particles=num_particles)
+        check_hyper(lr, damping, num_particles, average, max_rejections)
         if max_kl is not None and not (
             isinstance(max_kl, (int, float)) and math.isfinite(max_kl) and max_kl > 0
         ):
@@ -114,6 +117,7 @@ class NGVI:
         self.adapt_damping, self.average = bool(adapt_damping), float(average)
         self.max_rejections = int(max_rejections)
         self.max_kl = None if max_kl is None else float(max_kl)
+        self._boost = 1  # the particles' doubling factor now (``NGVIState.boost``)
         self._jitted: dict = {}
         self._layouts: set = set()  # data shapes the guide has been set up (and checked) for
 
@@ -130,8 +134,9 @@ class NGVI:
         zero, nan = jnp.zeros((), dtype), jnp.full((), jnp.nan, dtype)
         damping = jnp.asarray(self.damping, dtype)
         no = jnp.array(False)
+        one = jnp.ones((), jnp.int32)
         return NGVIState(
-            params, params, damping, key_run, i0, i0, i0, zero, params, zero, no, nan, nan
+            params, params, damping, key_run, i0, i0, i0, zero, params, zero, no, nan, nan, one
         )
 
     def _neg_elbo_and_logp(self, params, eps, data, model_key, z=None):
@@ -182,7 +187,7 @@ class NGVI:
     def _context(self, state: NGVIState, data) -> tuple[jax.Array, StepContext]:
         """The next state key and this step's noise, model key and loss on them."""
         key, k_eps, k_model = jax.random.split(state.rng_key, 3)
-        eps = self.guide.base_noise(k_eps, self.num_particles)
+        eps = self.guide.base_noise(k_eps, self.particles)
         model_key = k_model if self.guide.target.has_subsample else None
         ctx = StepContext(eps, data, model_key, None, jax.random.fold_in(k_model, 1))
         return key, self._with_noise(ctx, eps)
@@ -233,11 +238,29 @@ class NGVI:
         stands only if the guide verifies its estimates there (``Guide.verify_fit``)."""
         fn = self._compiled("evaluate", spec)
         evaluate = lambda s, key: fn(s, dynamic, key)
-        state, info = convergence.run_check(state, evaluate, tol, self.num_particles, self.average)
+        state, info = convergence.run_check(state, evaluate, tol, self.particles, self.average)
         key = jax.random.fold_in(state.rng_key, 3)
-        if info.passed and self.guide.verify_fit(state.avg_params, _join_data(dynamic, spec), key):
+        noisy = info.excess > convergence.EXCESS_MAX * tol and self._boost < convergence.MAX_BOOST
+        if info.passed and noisy:  # the noise may bias the average: less noise, one more window
+            self._boost *= 2
+            state = state._replace(boost=jnp.asarray(self._boost, jnp.int32))
+        if info.passed and (
+            noisy or self.guide.verify_fit(state.avg_params, _join_data(dynamic, spec), key)
+        ):
             state, info = state._replace(converged=jnp.array(False)), info._replace(passed=False)
         return state, info
+
+    def _sync_boost(self, state: NGVIState) -> None:
+        """Draw as many particles as ``state`` says (unless traced: inside a user's jit or scan
+        the count stays as it is)."""
+        if not isinstance(state.boost, jax.core.Tracer):
+            self._boost = int(state.boost)
+
+    @property
+    def particles(self) -> int:
+        """The particles a step draws now: ``num_particles``, doubled by ``run`` while the
+        iterates' noise may bias the fit (``ngvi.engine.convergence``)."""
+        return self.num_particles * self._boost
 
     def _step_kl(self, old, new, accept, dtype):
         """KL(q_old || q_new) of an accepted step (0 when rejected), with a trust region only."""
@@ -249,7 +272,7 @@ class NGVI:
     def _compiled(self, name: str, spec, chunk: int = 0):
         """The jitted ``update``, ``evaluate`` or ``run`` chunk (which stops early at a due
         convergence check when ``tol > 0``)."""
-        key = (name, spec, chunk, self.guide.step_variant)  # a guide may change its step
+        key = (name, spec, chunk, self.guide.step_variant, self.particles)
         if key not in self._jitted:
             if name == "update":
 
@@ -258,7 +281,7 @@ class NGVI:
             elif name == "evaluate":
 
                 def fn(state, dynamic, key):
-                    eps = self.guide.base_noise(key, self.num_particles)
+                    eps = self.guide.base_noise(key, self.particles)
                     mk = key if self.guide.target.has_subsample else None
                     return self._neg_elbo(state.avg_params, eps, _join_data(dynamic, spec), mk)
             else:
@@ -286,6 +309,7 @@ class NGVI:
     def update(self, state: NGVIState, *args, **kwargs) -> tuple[NGVIState, jax.Array]:
         """One natural step; returns the new state and the loss (-ELBO) it started from."""
         dynamic, spec = self._checked_data(args, kwargs)
+        self._sync_boost(state)
         new_state, info = self._compiled("update", spec)(state, dynamic)
         return new_state, info.loss
 
@@ -293,6 +317,7 @@ class NGVI:
         """-ELBO of the averaged parameters, on fresh noise derived from the state's key."""
         dynamic, spec = self._checked_data(args, kwargs)
         key = jax.random.fold_in(state.rng_key, 1)
+        self._sync_boost(state)
         return self._compiled("evaluate", spec)(state, dynamic, key)
 
     def _checked_data(self, args, kwargs):
@@ -347,8 +372,9 @@ class NGVI:
         after a crash finishes the same fit, bit for bit. ``callback(state)`` runs after each
         chunk (logging, custom stopping by raising KeyboardInterrupt).
         """
-        _check_run(num_steps, tol, checkpoint_every)
+        check_run(num_steps, tol, checkpoint_every)
         state, stop_at = self._start(rng_key, num_steps, args, kwargs, init_state, checkpoint)
+        self._sync_boost(state)
         dynamic, spec = _split_data(args, kwargs)
         chunk = int(checkpoint_every or chunk_size)
         tol_arr = jnp.asarray(-1.0 if tol is None else tol)
@@ -457,52 +483,3 @@ def _progress(total: int, enabled: bool):
 
 def params_dtype(params) -> Any:
     return jax.tree.leaves(params)[0].dtype
-
-
-_ENGINE_DEFAULTS = {"lr": 1.0, "num_particles": 8}  # when neither the user nor the guide says
-
-
-def _engine_defaults(guide: Guide, **given) -> tuple:
-    """Each of ``given`` (lr, num_particles) as the user set it, else the guide's
-    ``engine_defaults``, else ``_ENGINE_DEFAULTS``; a guide naming another key is a ConfigError."""
-    stated = dict(guide.engine_defaults)
-    unknown = sorted(set(stated) - set(_ENGINE_DEFAULTS))
-    if unknown:
-        raise ConfigError(
-            f"{type(guide).__name__}.engine_defaults names {unknown}, which NGVI does not take "
-            f"from a guide; it takes {sorted(_ENGINE_DEFAULTS)}."
-        )
-    pick = lambda k: given[k] if given[k] is not None else stated.get(k, _ENGINE_DEFAULTS[k])
-    return tuple(pick(k) for k in given)
-
-
-def _check_hyper(lr, damping, num_particles, average, max_rejections) -> None:
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ConfigError(
-            f"lr must be a positive finite number (1.0 is the unit natural step), got {lr!r}."
-        )
-    if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
-        raise ConfigError(f"damping must be a finite number >= 0, got {damping!r}.")
-    if not (isinstance(num_particles, (int, np.integer)) and num_particles >= 1):
-        raise ConfigError(f"num_particles must be an integer >= 1, got {num_particles!r}.")
-    if not 0 <= average < 1:
-        raise ConfigError(
-            f"average must be in [0, 1) (decay of the iterate average), got {average!r}."
-        )
-    if not (isinstance(max_rejections, (int, np.integer)) and max_rejections >= 1):
-        raise ConfigError(f"max_rejections must be an integer >= 1, got {max_rejections!r}.")
-
-
-def _check_run(num_steps, tol, checkpoint_every) -> None:
-    """``NGVI.run``'s arguments: ConfigError naming the first that is not what it takes."""
-    if not (isinstance(num_steps, (int, np.integer)) and num_steps >= 1):
-        raise ConfigError(f"num_steps must be a positive integer, got {num_steps!r}.")
-    ok_tol = isinstance(tol, (int, float, np.floating)) and math.isfinite(tol) and tol > 0
-    if tol is not None and not ok_tol:
-        raise ConfigError(
-            f"tol must be None (no convergence check) or a positive number of nats (the "
-            f"default 0.1 stops within about 0.1 nat of the optimum), got {tol!r}."
-        )
-    every = checkpoint_every
-    if every is not None and not (isinstance(every, (int, np.integer)) and every >= 1):
-        raise ConfigError(f"checkpoint_every must be a positive integer, got {every!r}.")

@@ -28,6 +28,7 @@ class NGVIState(NamedTuple):
     converged: jax.Array  # () bool, set by a passed convergence check
     change: jax.Array  # () ELBO change of the average at the last check (NaN before one)
     change_se: jax.Array  # () its standard error
+    boost: jax.Array  # () int32 the particles' doubling factor (``convergence``: noise bias)
 
 
 class NGVIInfo(NamedTuple):
