@@ -52,7 +52,6 @@ def test_references_cover_every_model():
 PENDING = {
     ("bnn_sine", "fullrank"),
     ("bnn_sine", "expfam"),
-    ("stochastic_volatility", "expfam"),
 }
 
 
