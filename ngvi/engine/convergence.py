@@ -47,6 +47,7 @@ __all__ = [
     "MIN_PROGRESS",
     "WINDOW",
     "CheckInfo",
+    "boosted",
     "due",
     "run_check",
 ]
@@ -132,6 +133,14 @@ def run_check(
         num_particles,
     )
     return state, info
+
+
+def boosted(info: CheckInfo, tol: float, boost: int) -> int:
+    """The particles' doubling factor after a check: doubled (at most to ``MAX_BOOST``) when it
+    passed while the iterates' excess over the average is above ``EXCESS_MAX * tol`` (module
+    docstring, noise bias); such a pass does not stand."""
+    noisy = info.passed and info.excess > EXCESS_MAX * tol and boost < MAX_BOOST
+    return 2 * boost if noisy else boost
 
 
 def noise_floor(state, excess: float, average: float) -> float:

@@ -134,7 +134,7 @@ class NGVI:
         zero, nan = jnp.zeros((), dtype), jnp.full((), jnp.nan, dtype)
         damping = jnp.asarray(self.damping, dtype)
         no = jnp.array(False)
-        one = jnp.ones((), jnp.int32)
+        one, self._boost = jnp.ones((), jnp.int32), 1
         return NGVIState(
             params, params, damping, key_run, i0, i0, i0, zero, params, zero, no, nan, nan, one
         )
@@ -240,26 +240,22 @@ class NGVI:
         evaluate = lambda s, key: fn(s, dynamic, key)
         state, info = convergence.run_check(state, evaluate, tol, self.particles, self.average)
         key = jax.random.fold_in(state.rng_key, 3)
-        noisy = info.excess > convergence.EXCESS_MAX * tol and self._boost < convergence.MAX_BOOST
-        if info.passed and noisy:  # the noise may bias the average: less noise, one more window
+        doubled = convergence.boosted(info, tol, self._boost) != self._boost
+        if doubled:  # the noise may bias the average: less noise, one more window
             self._boost *= 2
             state = state._replace(boost=jnp.asarray(self._boost, jnp.int32))
         if info.passed and (
-            noisy or self.guide.verify_fit(state.avg_params, _join_data(dynamic, spec), key)
+            doubled or self.guide.verify_fit(state.avg_params, _join_data(dynamic, spec), key)
         ):
             state, info = state._replace(converged=jnp.array(False)), info._replace(passed=False)
         return state, info
 
-    def _sync_boost(self, state: NGVIState) -> None:
-        """Draw as many particles as ``state`` says (unless traced: inside a user's jit or scan
-        the count stays as it is)."""
-        if not isinstance(state.boost, jax.core.Tracer):
-            self._boost = int(state.boost)
-
     @property
     def particles(self) -> int:
-        """The particles a step draws now: ``num_particles``, doubled by ``run`` while the
-        iterates' noise may bias the fit (``ngvi.engine.convergence``)."""
+        """The particles a step draws now: ``num_particles`` times the doubling factor of the
+        state ``init`` or ``run`` last gave (``NGVIState.boost``, ``ngvi.engine.convergence``);
+        ``update`` and ``evaluate`` draw as many, without reading the state's factor (a read
+        would wait for the device on every call)."""
         return self.num_particles * self._boost
 
     def _step_kl(self, old, new, accept, dtype):
@@ -309,7 +305,6 @@ class NGVI:
     def update(self, state: NGVIState, *args, **kwargs) -> tuple[NGVIState, jax.Array]:
         """One natural step; returns the new state and the loss (-ELBO) it started from."""
         dynamic, spec = self._checked_data(args, kwargs)
-        self._sync_boost(state)
         new_state, info = self._compiled("update", spec)(state, dynamic)
         return new_state, info.loss
 
@@ -317,7 +312,6 @@ class NGVI:
         """-ELBO of the averaged parameters, on fresh noise derived from the state's key."""
         dynamic, spec = self._checked_data(args, kwargs)
         key = jax.random.fold_in(state.rng_key, 1)
-        self._sync_boost(state)
         return self._compiled("evaluate", spec)(state, dynamic, key)
 
     def _checked_data(self, args, kwargs):
@@ -374,7 +368,7 @@ class NGVI:
         """
         check_run(num_steps, tol, checkpoint_every)
         state, stop_at = self._start(rng_key, num_steps, args, kwargs, init_state, checkpoint)
-        self._sync_boost(state)
+        self._boost = int(state.boost)  # a continued or checkpointed fit keeps its particles
         dynamic, spec = _split_data(args, kwargs)
         chunk = int(checkpoint_every or chunk_size)
         tol_arr = jnp.asarray(-1.0 if tol is None else tol)
