@@ -9,8 +9,9 @@ gradient in the mean parameters ``m = grad A(eta)``, Khan & Lin 2017):
 
     eta' = eta + rho * nat,      nat = grad_m ELBO = F(eta)^-1 grad_eta ELBO,
 
-``rho = lr / (1 + damping) * step_schedule(step)`` (a unit first step, then a running average of
-the noisy estimates: ``ngvi.guides.default_precision_schedule``). The damping is Marquardt-scaled
+``rho = lr / (1 + damping) * step_schedule(step)`` (a unit first step, then a decay to a constant
+0.1: ``default_natural_schedule``; the engine's iterate average removes the noise a constant rate
+leaves). The damping is Marquardt-scaled
 (every step shrinks by ``1 / (1 + damping)``). A step that would leave the natural-parameter
 domain (every domain here is a box: ``a > 0``, ``b > 0``, ``-1/(2 sigma^2) < 0``) is cut per
 factor to half the distance to the boundary, so every iterate is a valid distribution.
@@ -62,7 +63,7 @@ from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 
 from ngvi.errors import ConfigError
-from ngvi.guides.base import Guide, check_quantiles, default_precision_schedule
+from ngvi.guides.base import Guide, check_quantiles
 from ngvi.guides.expfam_estimators import (
     CONTROL_VARIATES,
     linear_cv_coefficients,
@@ -85,9 +86,19 @@ from ngvi.guides.expfam_factors import (
 )
 from ngvi.model.target import Target
 
-__all__ = ["ExpFamilyGuide", "SiteFactor", "regression_natural_params"]
+__all__ = ["ExpFamilyGuide", "SiteFactor", "default_natural_schedule", "regression_natural_params"]
 
 _ESTIMATORS = ("auto", "regression", "pathwise", "score")
+
+
+def default_natural_schedule(step) -> jax.Array:
+    """Natural step size ``rho_t = max(1 / (1 + 0.3 t), 0.1)``: a unit first step (exact on a
+    conjugate site), then a constant rate. Not the mean-field precision schedule's 0.01 floor:
+    here *every* natural parameter takes this rate, Gaussian means included, and a rate of 0.01
+    leaves a stochastic-approximation crawl (the zoo's linear regression 0.84 nat and its LGCP
+    2.9 nat from their optima after 2000 steps, both within 0.04 nat with 0.1). The engine's
+    iterate average (``NGVI(average=...)``) takes out the noise a constant rate leaves."""
+    return jnp.maximum(1.0 / (1.0 + 0.3 * step), 0.1)
 
 
 def _check_particles(factor: SiteFactor, num: int, need: int, estimator: str) -> None:
@@ -144,7 +155,7 @@ class ExpFamilyGuide(Guide):
         self.estimator = dict(estimator) if isinstance(estimator, dict) else estimator
         self.control_variate = control_variate
         self.init_scale = float(init_scale)
-        self.step_schedule = step_schedule or default_precision_schedule
+        self.step_schedule = step_schedule or default_natural_schedule
         self.factors: tuple[SiteFactor, ...] = ()
 
     # -- layout -------------------------------------------------------------------------------
