@@ -49,6 +49,7 @@ from ngvi.engine.step import (
     judge,
     levenberg_marquardt,
     trust_region,
+    unfused,
     value_and_grad_dropping_non_finite,
 )
 from ngvi.errors import ConfigError, FitError
@@ -157,7 +158,9 @@ class NGVI:
         key, ctx = self._context(state, data)
         (loss, logp), grad, ctx, num_bad = self._gradient(state, ctx)  # g = grad L(theta)
         proposal, full_step, frac = self._propose(state, grad, ctx)  # theta - lr (F+d)^-1 g
-        z_new = self.guide.reparam_proposal(state.params, proposal, ctx.eps, ctx)
+        z_new = unfused(
+            lambda: self.guide.reparam_proposal(state.params, proposal, ctx.eps, ctx), ctx.eps
+        )
         new_loss, new_logp = self._neg_elbo_and_logp(
             proposal, ctx.eps, data, ctx.model_key, z_new
         )  # L(theta') on the same noise
@@ -279,7 +282,9 @@ class NGVI:
                 def fn(state, dynamic, key):
                     eps = self.guide.base_noise(key, self.particles)
                     mk = key if self.guide.target.has_subsample else None
-                    return self._neg_elbo(state.avg_params, eps, _join_data(dynamic, spec), mk)
+                    z = unfused(lambda: self.guide.reparam(state.avg_params, eps), eps)
+                    data = _join_data(dynamic, spec)
+                    return self._neg_elbo_and_logp(state.avg_params, eps, data, mk, z)[0]
             else:
 
                 def fn(state, dynamic, tol, stop_at):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.optimize import minimize
 
+from ngvi.engine.step import unfused
 from ngvi.model.target import Target
 
 __all__ = ["crn_noise", "first_touch", "make_elbo_scorer", "meanfield_optimum", "steps_to_within"]
@@ -40,12 +41,14 @@ def make_elbo_scorer(
     def logp_batch(z):
         return jax.vmap(lambda zi: target.log_density(zi, args, kwargs))(z)
 
+    def logp_draws(loc, scale, e):  # the draws as their own kernel: ngvi.engine.step.unfused
+        return logp_batch(unfused(lambda: loc + scale * e, e))
+
     def score(loc, scale):
-        z = loc + scale * eps  # (K, d)
         lp = (
-            jax.lax.map(logp_batch, z.reshape(-1, chunk, d))
-            if z.shape[0] % chunk == 0
-            else logp_batch(z)
+            jax.lax.map(lambda e: logp_draws(loc, scale, e), eps.reshape(-1, chunk, d))
+            if eps.shape[0] % chunk == 0
+            else logp_draws(loc, scale, eps)
         )
         return jnp.mean(lp) + jnp.sum(jnp.log(scale)) + 0.5 * d * math.log(2 * math.pi * math.e)
 
