@@ -35,6 +35,7 @@ from ngvi.engine.step import (
     copy_weights,
     effective_progress,
     levenberg_marquardt,
+    unfused,
     value_and_grad_dropping_non_finite,
 )
 from ngvi.report.scoring import make_elbo_scorer, meanfield_optimum
@@ -414,3 +415,23 @@ def test_default_start_fits_random_walk_volatility_better_than_the_median_start(
         score = make_elbo_scorer(guide.target, (y,), {})
         elbos[name] = float(score(result.params["loc"], result.params["scale"]))
     assert elbos["default"] > elbos["median"] + 50, elbos
+
+
+def test_unfused_draws_are_the_same_values_in_a_kernel_of_their_own():
+    """``step.unfused`` changes where XLA computes the draws, never their values: on CPU the
+    accept test's draws sit inside a conditional (so XLA cannot copy them into each gather that
+    reads them), and the log density of gathered draws equals the plain computation bitwise."""
+    idx = jnp.asarray(np.random.default_rng(0).integers(0, 50, 2000))
+    loc, scale = jnp.linspace(-1.0, 1.0, 50), jnp.linspace(0.1, 2.0, 50)
+    eps = jax.random.normal(jax.random.PRNGKey(0), (8, 50))
+
+    def logp(z):
+        return jnp.sum(jax.nn.log_sigmoid(z[:, idx]), axis=1)
+
+    plain = jax.jit(lambda m, s, e: logp(m + s * e))
+    kept = jax.jit(lambda m, s, e: logp(unfused(lambda: m + s * e, e)))
+    np.testing.assert_array_equal(
+        np.asarray(plain(loc, scale, eps)), np.asarray(kept(loc, scale, eps))
+    )
+    hlo = kept.lower(loc, scale, eps).compile().as_text()
+    assert ("conditional(" in hlo) == (jax.default_backend() == "cpu")
