@@ -43,6 +43,9 @@ def test_compare_on_a_conjugate_model_ngvi_reaches_the_optimum_first():
     assert ngvi_row["steps_to_0.1"] is not None
     assert advi_row["steps_to_0.1"] is None or advi_row["steps_to_0.1"] > ngvi_row["steps_to_0.1"]
     assert "ngvi" in format_table(rows)
+    # the optimum's ELBO on its own 4096 draws against independent ones: for a 1-d Gaussian
+    # target the difference is sd(mean eps^2) / 2 ~ 0.011 nat, not the 0.1 the table resolves
+    assert abs(extras["score_noise"]) < 0.05
 
 
 @pytest.mark.slow  # 21 s, the slowest default test; the default run was 8:47 of its 10 minutes
