@@ -355,11 +355,12 @@ def test_mean_field_guide_reaches_the_cavi_fixed_point_not_the_normal_gamma_post
     """models.normal_gamma: the exact posterior is Normal-Gamma (one joint natural step reaches
     it, tests/test_families.py); the mean-field ExpFamilyGuide (Gaussian mu, Gamma tau) reaches
     the closed-form CAVI fixed point instead (measured within 1%), whose sd(mu) is 4% below the
-    exact one."""
+    exact one. The fixed point is asked for, so the run is not stopped at the 0.1-nat tolerance:
+    with it the fit stops at step 23 with sd(mu) 8% above CAVI's (0.006 nat of ELBO)."""
     model, args, kwargs = models.load("normal_gamma")
     module = models.load_module("normal_gamma")
     guide = ExpFamilyGuide(model)
-    result = NGVI(model, guide).run(KEY, 400, *args, progress_bar=False, **kwargs)
+    result = NGVI(model, guide).run(KEY, 400, *args, progress_bar=False, tol=None, **kwargs)
     etas = guide._etas(result.params)
     fit = {f.site.name: f.family.standard(eta) for f, eta in zip(guide.factors, etas)}
     cavi = module.mean_field_optimum(*args, **kwargs)
