@@ -104,11 +104,10 @@ SETTINGS = {  # target: (ngvi steps, advi steps)
     "funnel": (400, 6000),
     "item_response": (600, 10000),
 }
-#: the d = 501 target's scorer costs 4096 draws x 20,000 answers per checkpoint: fewer draws and
-#: ADVI checkpoints keep it to minutes (how much the optimum fits the scorer's own 1024 draws is
-#: each target's ``score_noise`` in the JSON: its ELBO there minus on independent draws)
-#: The ill-conditioned Gaussian is the other way round: its scorer's own noise at the optimum was
-#: 0.42 nat with 4096 draws (the 0.1-nat line was below what it resolves), so it takes 16x more.
+#: Scorer draws and ADVI checkpoints where the defaults (4096, 400) do not fit. Item-response's
+#: scorer costs 20,000 answers a draw: 1024 draws keep it to minutes. The ill-conditioned
+#: Gaussian's optimum fitted 4096 draws by 0.42 nat (``score_noise`` in the JSON: the optimum's
+#: ELBO on its own draws minus on independent ones), below the 0.1-nat line, so it takes 16x more.
 SCORING = {
     "item_response": {"score_draws": 1024, "advi_checkpoints": 100},
     "ill_conditioned_gaussian": {"score_draws": 65536, "advi_checkpoints": 100},
@@ -184,11 +183,10 @@ def run_target(name: str, quick: bool) -> dict:
     pf = pathfinder_row(
         model, args, kwargs, best, PATHFINDER_MAXITER.get(name, PATHFINDER_MAXITER_DEFAULT)
     )
-    noise = extras["score_noise"]  # optimum's ELBO on its own draws minus on independent ones
     return {
         "dim": extras["dim"],
         "best_elbo": best,
-        "score_noise": noise,
+        "score_noise": extras["score_noise"],  # the optimum's ELBO on its draws minus on others
         "rows": rows,
         "pathfinder": pf,
     }
@@ -254,6 +252,7 @@ def main(argv: list[str]) -> None:
     # it measured); a run of some targets keeps the others' results from the file
     saved = json.loads(path.read_text()) if path.exists() else {}
     out, summary = saved.get("targets", {}), {r["target"]: r for r in saved.get("summary", [])}
+    ordered = lambda: [summary[n] for n in SETTINGS if n in summary]
     meta = {"jax": jax.__version__, "platform": platform.platform(), "quick": quick}
     meta["protocol"] = __doc__.split("\n\n")[2]
     for name in names:
@@ -264,11 +263,10 @@ def main(argv: list[str]) -> None:
         print(f"\n== {name}: d = {out[name]['dim']} ({out[name]['seconds']:.0f} s)")
         print(format_table(out[name]["rows"]))
         summary[name] = summary_row(name, out[name])
-        ordered = [summary[n] for n in SETTINGS if n in summary]
-        path.write_text(json.dumps({"meta": meta, "targets": out, "summary": ordered}, indent=2))
+        path.write_text(json.dumps({"meta": meta, "targets": out, "summary": ordered()}, indent=2))
     print("\n== summary")
-    print(format_table([summary[n] for n in SETTINGS if n in summary]))
-    print("\n" + markdown([summary[n] for n in SETTINGS if n in summary]))
+    print(format_table(ordered()))
+    print("\n" + markdown(ordered()))
     print(f"\nwrote {path}")
 
 

@@ -11,10 +11,10 @@ gradient in the mean parameters ``m = grad A(eta)``, Khan & Lin 2017):
 
 ``rho = lr / (1 + damping) * step_schedule(step)`` (a unit first step, then a decay to a constant
 0.1: ``default_natural_schedule``; the engine's iterate average removes the noise a constant rate
-leaves). The damping is Marquardt-scaled
-(every step shrinks by ``1 / (1 + damping)``). A step that would leave the natural-parameter
-domain (every domain here is a box: ``a > 0``, ``b > 0``, ``-1/(2 sigma^2) < 0``) is cut per
-factor to half the distance to the boundary, so every iterate is a valid distribution.
+leaves). The damping is Marquardt-scaled (every step shrinks by ``1 / (1 + damping)``). A step
+that would leave the natural-parameter domain (every domain here is a box: ``a > 0``, ``b > 0``,
+``-1/(2 sigma^2) < 0``) is cut per factor to half the distance to the boundary, so every iterate
+is a valid distribution.
 
 **Gradient estimators** (``estimator=``, one name for every site or ``{site: name}``; the
 formulas and their variances are in ``ngvi.guides.expfam_estimators``), for
