@@ -312,6 +312,40 @@ def test_converged_state_continues_when_asked_for_more_steps():
     assert more.num_steps >= 10 and int(more.state.step) == first.num_steps + more.num_steps
 
 
+def _two_bumps(y, mask=True):
+    """A two-component Gaussian mixture, its likelihood wrapped in a mask and an expand."""
+    w = numpyro.sample("w", dist.Dirichlet(jnp.ones(2)))
+    loc = numpyro.sample("loc", dist.Normal(0.0, 3.0).expand([2]).to_event(1))
+    mix = dist.MixtureSameFamily(dist.Categorical(probs=w), dist.Normal(loc, 1.0))
+    with numpyro.plate("n", y.shape[0]):
+        numpyro.sample("y", mix.expand([y.shape[0]]).mask(mask), obs=y)
+
+
+def test_mixture_sites_are_found_under_wrappers_and_only_there():
+    from ngvi.model.target import make_target
+
+    y = jnp.array([-3.0, -2.5, 2.5, 3.0])
+    assert make_target(_two_bumps, (y,)).mixtures == ("y",)
+    model, args, kwargs = models.load("normal_normal")
+    assert make_target(model, args, kwargs).mixtures == ()
+
+
+def test_a_passed_check_on_a_mixture_is_not_called_converged():
+    """A mixture's ELBO has local optima (components merged or emptied) that a passed check
+    cannot tell from the best fit: the run stops there but says converged=False, with a
+    warning that names the site and the fix (several starts)."""
+    keys = jax.random.split(jax.random.PRNGKey(3))
+    y = jnp.concatenate(
+        [jax.random.normal(keys[0], (50,)) - 3, jax.random.normal(keys[1], (50,)) + 3]
+    )
+    result, caught = _run(NGVI(_two_bumps, MeanFieldGaussian(_two_bumps)), y, steps=2000)
+    assert bool(result.state.converged) and result.checks[-1].passed
+    assert not result.converged and result.num_steps < 2000
+    (w,) = caught
+    assert w.category is ConvergenceWarning
+    assert "['y'] are mixtures" in str(w.message) and "several starts" in str(w.message)
+
+
 class _Doubting(MeanFieldGaussian):
     """A family whose first ``doubts`` verifications fail (``Guide.verify_fit``)."""
 

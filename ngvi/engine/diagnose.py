@@ -11,7 +11,13 @@ import numpy as np
 from ngvi.engine.convergence import MIN_PROGRESS, WINDOW
 from ngvi.errors import ConvergenceWarning, NGVIWarning
 
-__all__ = ["fit_error_message", "not_converged_cause", "warn_if_not_honest"]
+__all__ = [
+    "claims_convergence",
+    "fit_error_message",
+    "local_optimum_note",
+    "not_converged_cause",
+    "warn_if_not_honest",
+]
 
 _STEP_FIXES = "lower lr, set max_kl (e.g. max_kl=1.0), or try float64"
 
@@ -93,6 +99,29 @@ def not_converged_cause(engine, state, info, tol: float, checks=()) -> str:
     )
 
 
+def claims_convergence(engine, state) -> bool:
+    """``result.converged``: the check passed and the model's ELBO has no local optima known from
+    its structure (no mixture site, ``Target.mixtures``). A passed check finds a stationary
+    point; only where the ELBO is not multimodal by construction does that mean the optimum."""
+    return bool(state.converged) and not engine.guide.target.mixtures
+
+
+def local_optimum_note(engine, state) -> str | None:
+    """Why a fit whose check passed still says ``converged=False`` (a mixture site), and the
+    fix; None when that is not the case."""
+    mixtures = engine.guide.target.mixtures
+    if not bool(state.converged) or not mixtures:
+        return None
+    return (
+        f"the ELBO stopped changing at step {int(state.step)}, but site(s) {list(mixtures)} are "
+        "mixtures: their ELBO has a local optimum for each way of merging or emptying "
+        "components, and a fit that stopped changing cannot tell one from the best fit, so "
+        "converged=False. Fit from several starts (init_strategy=numpyro.infer.init_to_uniform() "
+        "with other rng_keys, or init_to_value(...) with the components spread over the data) "
+        "and keep the fit with the highest ELBO (-NGVI.evaluate(result.state, ...))"
+    )
+
+
 def _bad_draws_note(engine, info) -> str | None:
     """A note when draws were dropped in the last half of the run (the final q puts mass
     where the log density is not finite)."""
@@ -111,11 +140,15 @@ def _bad_draws_note(engine, info) -> str | None:
 
 
 def warn_if_not_honest(engine, state, info, tol, checks=(), stacklevel: int = 2) -> None:
-    """Warn (``ConvergenceWarning``) when a run with a check ends unconverged, and
-    (``NGVIWarning``) when its late draws had to be dropped."""
+    """Warn (``ConvergenceWarning``) when a run with a check ends unconverged or converged on a
+    multimodal ELBO (``local_optimum_note``), and (``NGVIWarning``) when its late draws had to
+    be dropped."""
     note = _bad_draws_note(engine, info)
     if note is not None:
         warnings.warn(note + ".", NGVIWarning, stacklevel=stacklevel + 1)
+    note = local_optimum_note(engine, state)
+    if note is not None:
+        warnings.warn(note + ".", ConvergenceWarning, stacklevel=stacklevel + 1)
     if tol is None or bool(state.converged):
         return
     cause = not_converged_cause(engine, state, info, tol, checks)

@@ -39,7 +39,7 @@ from jax import lax
 from ngvi.engine import convergence
 from ngvi.engine.checkpoint import load_checkpoint, save_checkpoint
 from ngvi.engine.convergence import CheckInfo
-from ngvi.engine.diagnose import fit_error_message, warn_if_not_honest
+from ngvi.engine.diagnose import claims_convergence, fit_error_message, warn_if_not_honest
 from ngvi.engine.settings import check_hyper, check_run, engine_defaults
 from ngvi.engine.state import NGVIInfo, NGVIRunResult, NGVIState, StepContext
 from ngvi.engine.step import (
@@ -441,7 +441,7 @@ class NGVI:
             state,
             info.loss,
             int(info.loss.shape[0]),
-            bool(state.converged),
+            claims_convergence(self, state),
             int(state.num_rejected),
             info,
             interrupted,

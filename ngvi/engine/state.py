@@ -61,6 +61,8 @@ class NGVIRunResult(NamedTuple):
     state: NGVIState
     losses: jax.Array  # (num_steps,) negative ELBO per step
     num_steps: int  # steps actually run (earlier than asked if converged)
+    #: the check passed (``state.converged``) and the ELBO is not multimodal by construction
+    #: (no mixture site): False after a passed check on a mixture model, with a warning
     converged: bool
     num_rejected: int
     info: NGVIInfo

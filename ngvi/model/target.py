@@ -38,10 +38,15 @@ __all__ = [
     "Target",
     "init_candidates",
     "make_target",
+    "mixture_sites",
     "site_roles",
     "split_data",
     "join_data",
 ]
+
+
+#: the NumPyro distributions that make a posterior multimodal by construction
+MIXTURES = (dist.MixtureSameFamily, dist.MixtureGeneral)
 
 
 class Site(NamedTuple):
@@ -69,6 +74,10 @@ class Target(NamedTuple):
     #: ``(name, role)`` of every named site of the model, role one of "latent", "observed",
     #: "deterministic", "param" (what a guide must not shadow, and which sites it replays)
     roles: tuple[tuple[str, str], ...] = ()
+    #: names of the sample sites (latent or observed) whose distribution is a mixture
+    #: (``MixtureSameFamily``, ``MixtureGeneral``): the posterior, and so the ELBO, has a local
+    #: optimum per way of merging or emptying components (``NGVI`` then never claims convergence)
+    mixtures: tuple[str, ...] = ()
 
     @property
     def deterministic(self) -> tuple[str, ...]:
@@ -401,6 +410,7 @@ def make_target(
         has_subsample,
         signature,
         site_roles(tr),
+        mixture_sites(tr),
     )
 
 
@@ -413,6 +423,21 @@ def site_roles(tr) -> tuple[tuple[str, str], ...]:
         elif site["type"] in ("deterministic", "param"):
             roles.append((name, site["type"]))
     return tuple(roles)
+
+
+def mixture_sites(tr) -> tuple[str, ...]:
+    """Names of the sample sites of a model trace whose distribution, under any wrappers
+    (``to_event``, ``mask``, ``expand``, transforms), is a NumPyro mixture."""
+    names = []
+    for name, site in tr.items():
+        if site["type"] != "sample" or site.get("infer", {}).get("is_auxiliary", False):
+            continue
+        fn = site["fn"]
+        while not isinstance(fn, MIXTURES) and hasattr(fn, "base_dist"):
+            fn = fn.base_dist
+        if isinstance(fn, MIXTURES):
+            names.append(name)
+    return tuple(names)
 
 
 def _find_init(model, args, kwargs, latent, unravel, rng_key, init_strategy, tries: int = 20):
