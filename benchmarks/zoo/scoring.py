@@ -31,7 +31,7 @@ from numpyro.distributions.transforms import biject_to
 
 from ngvi.guides.fullrank import whitened_antithetic_noise
 from ngvi.model.target import Target
-from ngvi.report.scoring import make_elbo_scorer
+from ngvi.report.scoring import make_elbo_scorer, mean_log_density
 
 __all__ = [
     "NUM_SAMPLES",
@@ -58,23 +58,20 @@ def meanfield_noise(dim: int, num: int = NUM_SAMPLES, seed: int = SEED) -> jax.A
     return jnp.concatenate([half, -half])
 
 
-def meanfield_scorer(target: Target, args, kwargs) -> Callable:
-    """``score(loc, scale) -> ELBO`` (module docstring)."""
-    return make_elbo_scorer(target, args, kwargs, eps=meanfield_noise(target.dim))
+def meanfield_scorer(target: Target, args, kwargs, seed: int = SEED) -> Callable:
+    """``score(loc, scale) -> ELBO`` (module docstring) on the noise of ``seed``."""
+    return make_elbo_scorer(target, args, kwargs, eps=meanfield_noise(target.dim, seed=seed))
 
 
-def _mean_logp(target: Target, args, kwargs, z: jax.Array, chunk: int = 512) -> jax.Array:
+def _mean_logp(target: Target, args, kwargs, z: jax.Array) -> jax.Array:
     """mean_k log p(z_k) over the rows of z (K, d), in chunks to bound memory."""
-    lp = lambda zc: jax.vmap(lambda zi: target.log_density(zi, args, kwargs))(zc)
-    if z.shape[0] % chunk:
-        return jnp.mean(lp(z))
-    return jnp.mean(jax.lax.map(lp, z.reshape(-1, chunk, z.shape[-1])))
+    return mean_log_density(target, args, kwargs, lambda zc: zc, z)
 
 
-def fullrank_scorer(target: Target, args, kwargs) -> Callable:
+def fullrank_scorer(target: Target, args, kwargs, seed: int = SEED) -> Callable:
     """``score(loc, cov_chol) -> ELBO`` with ``cov_chol`` the lower Cholesky factor of the
-    covariance (module docstring)."""
-    eps = whitened_antithetic_noise(jax.random.PRNGKey(SEED), NUM_SAMPLES, target.dim)
+    covariance (module docstring), on the noise of ``seed``."""
+    eps = whitened_antithetic_noise(jax.random.PRNGKey(seed), NUM_SAMPLES, target.dim)
 
     @jax.jit
     def score(loc, chol):
@@ -92,9 +89,9 @@ def precision_to_cov_chol(prec_tril) -> jax.Array:
     return jnp.linalg.cholesky(inv.T @ inv)
 
 
-def expfam_scorer(guide, args, kwargs) -> Callable:
-    """``score(params) -> ELBO`` for a set-up ``ExpFamilyGuide`` on fixed keys."""
-    keys = jax.random.split(jax.random.PRNGKey(SEED), NUM_SAMPLES)
+def expfam_scorer(guide, args, kwargs, seed: int = SEED) -> Callable:
+    """``score(params) -> ELBO`` for a set-up ``ExpFamilyGuide`` on the fixed keys of ``seed``."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), NUM_SAMPLES)
     target = guide.target
 
     @jax.jit

@@ -21,13 +21,36 @@ from jax.scipy.optimize import minimize
 from ngvi.engine.step import unfused
 from ngvi.model.target import Target
 
-__all__ = ["crn_noise", "first_touch", "make_elbo_scorer", "meanfield_optimum", "steps_to_within"]
+__all__ = [
+    "crn_noise",
+    "first_touch",
+    "make_elbo_scorer",
+    "mean_log_density",
+    "meanfield_optimum",
+    "steps_to_within",
+]
 
 
 def crn_noise(dim: int, num_samples: int = 4096, seed: int = 0) -> jax.Array:
     """The fixed antithetic noise matrix (num_samples, dim) shared by every scored fit."""
     half = jax.random.normal(jax.random.PRNGKey(seed), (num_samples // 2, dim))
     return jnp.concatenate([half, -half])
+
+
+def mean_log_density(
+    target: Target, args, kwargs, draws: Callable, noise: jax.Array, chunk: int = 512
+) -> jax.Array:
+    """``mean_k log p(z_k)`` with ``z = draws(noise)`` row by row, in chunks of ``chunk`` rows
+    (when they divide the rows) to bound memory; each chunk's draws are made in a kernel of their
+    own (``ngvi.engine.step.unfused``), not copied into every gather of the log density."""
+
+    def chunk_logp(e):
+        z = unfused(lambda: draws(e), e)
+        return jax.vmap(lambda zi: target.log_density(zi, args, kwargs))(z)
+
+    if noise.shape[0] % chunk:
+        return jnp.mean(chunk_logp(noise))
+    return jnp.mean(jax.lax.map(chunk_logp, noise.reshape(-1, chunk, noise.shape[-1])))
 
 
 def make_elbo_scorer(
@@ -38,19 +61,9 @@ def make_elbo_scorer(
     eps = crn_noise(target.dim) if eps is None else eps
     d = target.dim
 
-    def logp_batch(z):
-        return jax.vmap(lambda zi: target.log_density(zi, args, kwargs))(z)
-
-    def logp_draws(loc, scale, e):  # the draws as their own kernel: ngvi.engine.step.unfused
-        return logp_batch(unfused(lambda: loc + scale * e, e))
-
     def score(loc, scale):
-        lp = (
-            jax.lax.map(lambda e: logp_draws(loc, scale, e), eps.reshape(-1, chunk, d))
-            if eps.shape[0] % chunk == 0
-            else logp_draws(loc, scale, eps)
-        )
-        return jnp.mean(lp) + jnp.sum(jnp.log(scale)) + 0.5 * d * math.log(2 * math.pi * math.e)
+        logp = mean_log_density(target, args, kwargs, lambda e: loc + scale * e, eps, chunk)
+        return logp + jnp.sum(jnp.log(scale)) + 0.5 * d * math.log(2 * math.pi * math.e)
 
     def batched(loc, scale):
         if loc.ndim == 1:
