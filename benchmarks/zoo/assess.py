@@ -120,26 +120,32 @@ def reuse(entry: ZooModel, name: str, guide) -> None:
 
 
 @_cached
-def scorer64(entry: ZooModel, name: str):
+def scorer64(entry: ZooModel, name: str, seed: int = scoring.SEED):
+    """The family's fixed-noise ELBO scorer (``scoring``) on the float64 data, noise of ``seed``."""
     args, kwargs = data64(entry)
     with jax.enable_x64(True):
         if name == "meanfield":
-            return scoring.meanfield_scorer(target64(entry), args, kwargs)
+            return scoring.meanfield_scorer(target64(entry), args, kwargs, seed)
         if name == "fullrank":
-            return scoring.fullrank_scorer(target64(entry), args, kwargs)
+            return scoring.fullrank_scorer(target64(entry), args, kwargs, seed)
         if name == "expfam":
-            return scoring.expfam_scorer(guide64(entry, "expfam"), args, kwargs)
+            return scoring.expfam_scorer(guide64(entry, "expfam"), args, kwargs, seed)
         return None
 
 
-def elbo64(entry: ZooModel, name: str, params: dict) -> float:
-    """The family's deterministic ELBO of ``params`` (``scoring``); K-FAC: ``generic_elbo``."""
-    score = scorer64(entry, name)
+def elbo64(entry: ZooModel, name: str, params: dict, seed: int = scoring.SEED) -> float:
+    """The family's deterministic ELBO of ``params`` (``scoring``) on the noise of ``seed``
+    (a full-rank fit's precision factor, or an optimum's covariance factor ``cov_chol``);
+    K-FAC: ``generic_elbo``."""
+    score = scorer64(entry, name, seed)
     with jax.enable_x64(True):
         if name == "meanfield":
             value = score(params["loc"], params["scale"])
         elif name == "fullrank":
-            value = score(params["loc"], scoring.precision_to_cov_chol(params["prec_tril"]))
+            chol = params.get("cov_chol")
+            if chol is None:
+                chol = scoring.precision_to_cov_chol(params["prec_tril"])
+            value = score(params["loc"], chol)
         elif name == "expfam":
             value = score(params)
         else:

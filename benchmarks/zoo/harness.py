@@ -16,6 +16,9 @@ The rule of issue 17, one verdict per cell (``TOL_NAT`` = 0.1 nat):
   ``FitError``);
 * ``SILENT MISS``: it is not, and it reported ``converged=True`` or said nothing;
 * ``unscored``: no family optimum to compare with.
+
+A gap from 0.1 to 1 nat against an L-BFGS optimum is rechecked on draws the optimum was not fit
+to (``heldout``); the held-out gap then decides.
 """
 
 from __future__ import annotations
@@ -108,7 +111,11 @@ def run_cell(
 def judge_cell(cell: dict, refs: dict | None, optima: dict | None) -> dict:
     """The cell with its gap, mean error (``assess.judge``) and verdict (``verdict``)."""
     name = cell["model"]
-    out = {**cell, **judge(cell, (refs or {}).get(name), (optima or {}).get(name))}
+    optimum = (optima or {}).get(name)
+    out = {**cell, **judge(cell, (refs or {}).get(name), optimum)}
+    reference = (optimum or {}).get(cell["guide"])
+    if cell.get("heldout_gap") is not None and "beaten_by" not in (reference or {"beaten_by": 0}):
+        out["fixed_gap"], out["gap"] = out["gap"], cell["heldout_gap"]  # ``heldout``
     warned = bool(cell.get("warnings") or cell.get("error"))
     out["verdict"] = verdict(out["gap"], cell.get("converged"), warned)
     return {k: _plain(v) for k, v in out.items()}

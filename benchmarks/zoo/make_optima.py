@@ -67,6 +67,11 @@ def meanfield(entry: ZooModel, start: dict) -> dict:
 
 
 def fullrank(entry: ZooModel, mf: dict) -> dict:
+    return fullrank_fit(entry, mf)[1]
+
+
+def fullrank_fit(entry: ZooModel, mf: dict) -> tuple[dict, dict]:
+    """The full-rank optimum's ``{"loc", "cov_chol"}`` and its record."""
     score = assess.scorer64(entry, "fullrank")
     d = entry.dim
     rows, cols = np.tril_indices(d, -1)
@@ -81,11 +86,15 @@ def fullrank(entry: ZooModel, mf: dict) -> dict:
         "log_diag": jnp.log(jnp.asarray(mf["scale"])),
     }
     x, f, info = scoring.lbfgs(fun, x0, MAXITER["value"])
-    return {"elbo": -f, **info, "loc": _r(x["loc"])}
+    return {"loc": x["loc"], "cov_chol": chol(x)}, {"elbo": -f, **info, "loc": _r(x["loc"])}
 
 
 def expfam(entry: ZooModel, mf: dict) -> dict:
-    args, kwargs = assess.data64(entry)
+    return expfam_fit(entry, mf)[1]
+
+
+def expfam_fit(entry: ZooModel, mf: dict) -> tuple[dict, dict]:
+    """The exp-family optimum's natural parameters and its record."""
     score = assess.scorer64(entry, "expfam")
     guide = assess.guide64(entry, "expfam")
     best = None
@@ -98,10 +107,10 @@ def expfam(entry: ZooModel, mf: dict) -> dict:
             lambda u, from_u=from_u: -score(from_u(u)), to_u(p0), MAXITER["value"]
         )
         if best is None or f < best[1]:
-            best = (x, f, info)
+            best = (from_u(x), f, info)
         if info["success"]:  # the second start only when the first did not converge
             break
-    return {"elbo": -best[1], **best[2]}
+    return best[0], {"elbo": -best[1], **best[2]}
 
 
 def mf_mean_error(entry: ZooModel, mf: dict, ref: dict | None) -> float | None:
