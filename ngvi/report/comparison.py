@@ -215,8 +215,7 @@ def compare_vi(
     rows = [summarize(t, best, tol) for t in traces]
     _flag_best_advi(rows, tol)
     # how much the optimum fitted the scorer's own noise: its ELBO on independent draws
-    held_out = make_elbo_scorer(target, args, kwargs, crn_noise(target.dim, score_draws, seed=1))
-    noise = opt - float(held_out(loc, scale))
+    noise = opt - float(scorer(loc, scale, crn_noise(target.dim, score_draws, seed=1)))
     return rows, {"traces": traces, "best_elbo": best, "dim": target.dim, "score_noise": noise}
 
 

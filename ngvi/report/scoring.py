@@ -56,21 +56,25 @@ def mean_log_density(
 def make_elbo_scorer(
     target: Target, args=(), kwargs=None, eps: jax.Array | None = None, chunk: int = 512
 ) -> Callable:
-    """A jitted ``score(loc, scale) -> ELBO`` with fixed noise; vectorizes over leading dims of
-    (loc, scale) (e.g. a trace of checkpoints)."""
-    eps = crn_noise(target.dim) if eps is None else eps
+    """A jitted ``score(loc, scale, noise=None) -> ELBO`` of ``N(loc, diag scale^2)``,
+    ``mean_k log p(loc + scale * e_k) + sum log scale + d/2 log(2 pi e)``, on the fixed noise
+    ``eps`` (``crn_noise`` by default) or on ``noise`` of the same shape (held-out draws: one
+    compile serves both); vectorizes over leading dims of (loc, scale) (a trace of
+    checkpoints)."""
+    fixed = crn_noise(target.dim) if eps is None else eps
     d = target.dim
 
-    def score(loc, scale):
-        logp = mean_log_density(target, args, kwargs, lambda e: loc + scale * e, eps, chunk)
+    def score(loc, scale, noise):
+        logp = mean_log_density(target, args, kwargs, lambda e: loc + scale * e, noise, chunk)
         return logp + jnp.sum(jnp.log(scale)) + 0.5 * d * math.log(2 * math.pi * math.e)
 
-    def batched(loc, scale):
+    @jax.jit
+    def batched(loc, scale, noise):
         if loc.ndim == 1:
-            return score(loc, scale)
-        return jax.lax.map(lambda ls: score(*ls), (loc, scale))
+            return score(loc, scale, noise)
+        return jax.lax.map(lambda ls: score(*ls, noise), (loc, scale))
 
-    return jax.jit(batched)
+    return lambda loc, scale, noise=None: batched(loc, scale, fixed if noise is None else noise)
 
 
 def meanfield_optimum(score: Callable, loc0, scale0, maxiter: int = 2000):
