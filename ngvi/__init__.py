@@ -6,7 +6,20 @@ Layers, lowest first (each imports only from those before it): ``errors`` and ``
 (baselines, comparison, ArviZ, plots); ``cli``. The bundled models (``ngvi.models``, from the
 repository's ``models/``) import ngvi, never the reverse.
 
-The diagnostics and plotting names (ArviZ, matplotlib: ~2 s to import) load on first use."""
+The diagnostics and plotting names (ArviZ, matplotlib: ~2 s to import) load on first use.
+
+Importing ngvi before JAX starts its CPU backend adds ``--xla_cpu_multi_thread_eigen=false`` to
+``XLA_FLAGS`` unless they already set it: XLA:CPU's multi-threaded Eigen kernels (matrix
+products, triangular solves) fan out into the thread pool they run on, and full-rank fits froze
+there on two cores (every thread waiting, the run never returning). Set the flag yourself
+(``=true``) to keep multi-threaded Eigen."""
+
+import os as _os
+
+if "xla_cpu_multi_thread_eigen" not in _os.environ.get("XLA_FLAGS", ""):
+    _os.environ["XLA_FLAGS"] = " ".join(
+        [_os.environ.get("XLA_FLAGS", ""), "--xla_cpu_multi_thread_eigen=false"]
+    ).strip()
 
 from ngvi import em, families, nn
 from ngvi.engine import (

@@ -66,3 +66,37 @@ def test_collinear_design_fits_in_float32_and_names_the_cause():
     loc = guide.constrain(result.params["loc"])
     w, b = np.asarray(loc["w"]), float(loc["b"])
     np.testing.assert_allclose([w[0] + w[1], w[2], b], ols, atol=0.02)
+
+
+_LGCP_FIT = """
+import jax
+from benchmarks.zoo import REGISTRY
+import ngvi
+entry = REGISTRY["lgcp"]
+args, kwargs = entry.data()
+guide = ngvi.FullRankGaussian(entry.model)
+result = ngvi.NGVI(entry.model, guide).run(
+    jax.random.PRNGKey(0), 5000, *args, progress_bar=False, **kwargs
+)
+print("steps", result.num_steps)
+"""
+
+
+@pytest.mark.slow  # ~30 s on two idle cores; a frozen fit costs the timeout
+def test_full_rank_fit_does_not_wedge_xla_cpu():
+    """The zoo's log-Gaussian Cox process (a 40-cell MVN field) with FullRankGaussian in float32
+    froze for good in 3 of 3 runs on two cores (every XLA:CPU thread idle, the run waiting on
+    them) while the accept test's draws, a triangular solve, ran inside ``step.unfused``'s
+    conditional, and in 2 of 3 without that but with XLA's multi-threaded Eigen kernels; draws
+    through a solve are no longer put there (``Guide.elementwise_draws``) and importing ngvi
+    turns multi-threaded Eigen off (``ngvi/__init__.py``): 8 of 8 runs finished. The fit runs in
+    its own process, with a timeout, since a frozen one never returns."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", _LGCP_FIT], cwd=root, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0 and "steps" in out.stdout, out.stderr[-2000:]

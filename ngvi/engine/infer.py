@@ -153,12 +153,17 @@ class NGVI:
         """-ELBO = -(mean_k log p(x, z_k) + H[q]) with z_k the reparameterized samples."""
         return self._neg_elbo_and_logp(params, eps, data, model_key)[0]
 
+    def _draws(self, draws: Callable, eps):
+        """``draws()``, as a kernel of its own on CPU when the guide's draws are elementwise
+        (``Guide.elementwise_draws``, ``step.unfused``)."""
+        return unfused(draws, eps) if self.guide.elementwise_draws else draws()
+
     def _step(self, state: NGVIState, data) -> tuple[NGVIState, NGVIInfo]:
         """The boxed update of the module docstring, one line a call."""
         key, ctx = self._context(state, data)
         (loss, logp), grad, ctx, num_bad = self._gradient(state, ctx)  # g = grad L(theta)
         proposal, full_step, frac = self._propose(state, grad, ctx)  # theta - lr (F+d)^-1 g
-        z_new = unfused(
+        z_new = self._draws(
             lambda: self.guide.reparam_proposal(state.params, proposal, ctx.eps, ctx), ctx.eps
         )
         new_loss, new_logp = self._neg_elbo_and_logp(
@@ -282,7 +287,7 @@ class NGVI:
                 def fn(state, dynamic, key):
                     eps = self.guide.base_noise(key, self.particles)
                     mk = key if self.guide.target.has_subsample else None
-                    z = unfused(lambda: self.guide.reparam(state.avg_params, eps), eps)
+                    z = self._draws(lambda: self.guide.reparam(state.avg_params, eps), eps)
                     data = _join_data(dynamic, spec)
                     return self._neg_elbo_and_logp(state.avg_params, eps, data, mk, z)[0]
             else:

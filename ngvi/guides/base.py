@@ -90,6 +90,13 @@ class Guide:
     #: traces the model op by op, would only cost time: ``choose_start`` keeps the layout's.
     chooses_start: bool = True
 
+    #: True when ``reparam`` is elementwise in the noise (``loc + scale * eps``): on CPU the
+    #: engine then makes the accept test's and ``evaluate``'s draws a kernel of their own
+    #: (``ngvi.engine.step.unfused``). False for draws through a solve or a matrix product: inside
+    #: the conditional that ``unfused`` uses, XLA:CPU deadlocked on a full-rank fit (all threads
+    #: idle, the run waiting on them), and such draws are not fused into their consumers anyway.
+    elementwise_draws: bool = False
+
     def __init__(self, model: Callable, *, init_strategy: Callable | None = None):
         if not callable(model):
             raise ConfigError(f"model must be a callable NumPyro model, got {model!r}.")

@@ -38,6 +38,8 @@ class MeanFieldGaussian(Guide):
     (antithetic noise makes it so for a quadratic log density).
     """
 
+    elementwise_draws = True  # loc + scale * eps (Guide.elementwise_draws)
+
     def __init__(
         self,
         model: Callable,
