@@ -15,7 +15,7 @@ bias measured (0.15 nat at most) and is not rechecked.
 
     python -m benchmarks.zoo.heldout --worker float32 --cells benchmarks/results/zoo_cells.jsonl
 
-(``python benchmarks/zoo.py`` runs it for both dtypes, one after the other, after the fits.)
+(``python benchmarks/zoo.py`` runs it for both dtypes after the fits.)
 """
 
 from __future__ import annotations
@@ -115,6 +115,17 @@ def _optimum_params(entry, family: str, known: dict, make_optima) -> dict:
     return params
 
 
+def _update(cells_path: Path, cell: dict) -> None:
+    """Replace ``cell``'s line in the log as it is on disk now (the other dtype's worker may
+    have written since), atomically."""
+    key = (cell["model"], cell["guide"], cell["dtype"])
+    lines = [json.loads(s) for s in cells_path.read_text().splitlines() if s.strip()]
+    lines = [cell if (c["model"], c["guide"], c["dtype"]) == key else c for c in lines]
+    tmp = cells_path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(c) + "\n" for c in lines))
+    tmp.replace(cells_path)
+
+
 def worker(cells_path: Path, dtype: str) -> int:
     """Recheck this dtype's due cells of the log in place (judged against the current optima)."""
     jax.config.update("jax_enable_x64", dtype == "float64")
@@ -129,7 +140,7 @@ def worker(cells_path: Path, dtype: str) -> int:
             continue
         gap = judge_cell(cell, refs, optima)["gap"]
         lines[i] = {**cell, **recheck(cell)}
-        cells_path.write_text("".join(json.dumps(c) + "\n" for c in lines))
+        _update(cells_path, lines[i])
         got = lines[i].get("heldout_gap", lines[i].get("heldout_error"))
         print(f"{dtype} {cell['model']:28s} {cell['guide']:9s} gap {gap:.3g} held-out {got}")
     return 0
