@@ -30,7 +30,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--dtypes", nargs="+", default=["float32", "float64"], choices=("float32", "float64")
     )
-    p.add_argument("--steps", type=int, default=None, help="num_steps (default 2000; quick 300)")
+    p.add_argument("--steps", type=int, default=None, help="num_steps (default 5000; quick 300)")
     p.add_argument("--quick", action="store_true", help="the small --quick subset, 300 steps")
     p.add_argument("--resume", action="store_true", help="keep the cells already in the log")
     p.add_argument(
@@ -69,8 +69,9 @@ def worker(ns: argparse.Namespace) -> int:
 
     jax.config.update("jax_enable_x64", ns.worker == "float64")
     from benchmarks.zoo import REGISTRY
-    from benchmarks.zoo.harness import run_cell
+    from benchmarks.zoo.harness import DEFAULT_STEPS, run_cell
 
+    ns.steps = ns.steps or (QUICK_STEPS if ns.quick else DEFAULT_STEPS)
     done = {(c["model"], c["guide"], c["dtype"]) for c in _read(Path(ns.cells))}
     for model, guide in plan(ns):
         if (model, guide, ns.worker) in done:
@@ -93,9 +94,11 @@ def worker(ns: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ns = parse(argv)
-    ns.steps = ns.steps or (QUICK_STEPS if ns.quick else 2000)
     if ns.worker:
         return worker(ns)
+    from benchmarks.zoo.harness import DEFAULT_STEPS  # not in a worker: it sets the dtype first
+
+    ns.steps = ns.steps or (QUICK_STEPS if ns.quick else DEFAULT_STEPS)
     cells_path = Path(ns.cells)
     if ns.table_only:
         write_table(ns, _read(cells_path), 0.0)

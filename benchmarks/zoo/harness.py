@@ -37,7 +37,7 @@ from ngvi.errors import FitError, NGVIError
 __all__ = ["TOL_NAT", "fit_cell", "judge_cell", "run_cell", "verdict"]
 
 TOL_NAT = 0.1
-DEFAULT_STEPS = 2000
+DEFAULT_STEPS = 5000  # a budget: a fit stops where its check passes
 _IGNORED = (DeprecationWarning, FutureWarning, PendingDeprecationWarning)
 
 
