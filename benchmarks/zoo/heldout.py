@@ -68,7 +68,8 @@ def recheck(cell: dict) -> dict:
 
     entry = REGISTRY[cell["model"]]
     family = cell["guide"]
-    fit = fit_cell(entry, family, cell["steps"])
+    with jax.enable_x64(cell["dtype"] == "float64"):  # an earlier cell's scoring turned it on
+        fit = fit_cell(entry, family, cell["steps"])
     if fit["params"] is None:
         return {"heldout_error": "the refit gave no parameters"}
     fit_params = jax.tree.map(lambda x: np.asarray(x, np.float64), fit["params"])
