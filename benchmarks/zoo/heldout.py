@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
+import time
 from pathlib import Path
 
 import jax
@@ -107,12 +108,17 @@ def _optimum_params(entry, family: str, known: dict, make_optima) -> dict:
     if family == "meanfield":
         return {"loc": jnp.asarray(mf["loc"]), "scale": jnp.asarray(mf["scale"])}
     path = CACHE / f"{entry.name}.{family}.pkl"
+    lock = path.with_suffix(".lock")  # the other dtype's worker is computing it
+    while lock.exists() and not path.exists() and time.time() - lock.stat().st_mtime < 7200:
+        time.sleep(5)
     if path.exists():
         return jax.tree.map(jnp.asarray, pickle.loads(path.read_bytes()))
+    CACHE.mkdir(parents=True, exist_ok=True)
+    lock.touch()
     fit = make_optima.fullrank_fit if family == "fullrank" else make_optima.expfam_fit
     params = fit(entry, mf)[0]
-    CACHE.mkdir(parents=True, exist_ok=True)
     path.write_bytes(pickle.dumps(jax.tree.map(np.asarray, params)))
+    lock.unlink(missing_ok=True)
     return params
 
 
