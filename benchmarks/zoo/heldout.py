@@ -69,7 +69,7 @@ def recheck(cell: dict) -> dict:
 
     entry = REGISTRY[cell["model"]]
     family = cell["guide"]
-    with jax.enable_x64(cell["dtype"] == "float64"):  # an earlier cell's scoring turned it on
+    with jax.enable_x64(cell["dtype"] == "float64"):
         fit = fit_cell(entry, family, cell["steps"])
     if fit["params"] is None:
         return {"heldout_error": "the refit gave no parameters"}
@@ -78,7 +78,6 @@ def recheck(cell: dict) -> dict:
 
 
 def _score(entry, family: str, cell: dict, fit_params) -> dict:
-    # make_optima switches float64 on for the whole process: imported after the refit
     from benchmarks.zoo import assess, make_optima
 
     with jax.enable_x64(True):

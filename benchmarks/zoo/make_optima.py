@@ -27,12 +27,11 @@ import sys
 import time
 from pathlib import Path
 
-if __name__ == "__main__":  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
 import jax
 
-jax.config.update("jax_enable_x64", True)
+if __name__ == "__main__":  # a script: the repository importable, float64 before anything is built
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    jax.config.update("jax_enable_x64", True)  # imported (heldout.py): the caller's x64 context
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
