@@ -114,7 +114,7 @@ def judge_cell(cell: dict, refs: dict | None, optima: dict | None) -> dict:
     optimum = (optima or {}).get(name)
     out = {**cell, **judge(cell, (refs or {}).get(name), optimum)}
     reference = (optimum or {}).get(cell["guide"])
-    if cell.get("heldout_gap") is not None and "beaten_by" not in (reference or {"beaten_by": 0}):
+    if cell.get("heldout_gap") is not None and reference and "beaten_by" not in reference:
         out["fixed_gap"], out["gap"] = out["gap"], cell["heldout_gap"]  # ``heldout``
     warned = bool(cell.get("warnings") or cell.get("error"))
     out["verdict"] = verdict(out["gap"], cell.get("converged"), warned)

@@ -127,7 +127,7 @@ def _update(cells_path: Path, cell: dict) -> None:
     key = (cell["model"], cell["guide"], cell["dtype"])
     lines = [json.loads(s) for s in cells_path.read_text().splitlines() if s.strip()]
     lines = [cell if (c["model"], c["guide"], c["dtype"]) == key else c for c in lines]
-    tmp = cells_path.with_suffix(".tmp")
+    tmp = cells_path.with_suffix(f".{cell['dtype']}.tmp")  # the workers write side by side
     tmp.write_text("".join(json.dumps(c) + "\n" for c in lines))
     tmp.replace(cells_path)
 
@@ -141,14 +141,15 @@ def worker(cells_path: Path, dtype: str) -> int:
 
     lines = [json.loads(s) for s in cells_path.read_text().splitlines() if s.strip()]
     refs, optima = load_references(), best_known(load_optima(), lines)
-    for i, cell in enumerate(lines):
-        if cell["dtype"] != dtype or not due(judge_cell(cell, refs, optima), optima):
+    for cell in lines:
+        judged = judge_cell(cell, refs, optima) if cell["dtype"] == dtype else None
+        if judged is None or not due(judged, optima):
             continue
-        gap = judge_cell(cell, refs, optima)["gap"]
-        lines[i] = {**cell, **recheck(cell)}
-        _update(cells_path, lines[i])
-        got = lines[i].get("heldout_gap", lines[i].get("heldout_error"))
-        print(f"{dtype} {cell['model']:28s} {cell['guide']:9s} gap {gap:.3g} held-out {got}")
+        cell = {**cell, **recheck(cell)}
+        _update(cells_path, cell)
+        got = cell.get("heldout_gap", cell.get("heldout_error"))
+        name = f"{dtype} {cell['model']:28s} {cell['guide']:9s}"
+        print(f"{name} gap {judged['gap']:.3g} held-out {got}")
     return 0
 
 

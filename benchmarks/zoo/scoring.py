@@ -65,7 +65,7 @@ def meanfield_scorer(target: Target, args, kwargs, seed: int = SEED) -> Callable
 
 def _mean_logp(target: Target, args, kwargs, z: jax.Array) -> jax.Array:
     """mean_k log p(z_k) over the rows of z (K, d), in chunks to bound memory."""
-    return mean_log_density(target, args, kwargs, lambda zc: zc, z)
+    return mean_log_density(target, args, kwargs, z)
 
 
 def fullrank_scorer(target: Target, args, kwargs, seed: int = SEED) -> Callable:

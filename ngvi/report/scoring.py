@@ -38,14 +38,15 @@ def crn_noise(dim: int, num_samples: int = 4096, seed: int = 0) -> jax.Array:
 
 
 def mean_log_density(
-    target: Target, args, kwargs, draws: Callable, noise: jax.Array, chunk: int = 512
+    target: Target, args, kwargs, noise: jax.Array, draws: Callable | None = None, chunk: int = 512
 ) -> jax.Array:
-    """``mean_k log p(z_k)`` with ``z = draws(noise)`` row by row, in chunks of ``chunk`` rows
-    (when they divide the rows) to bound memory; each chunk's draws are made in a kernel of their
-    own (``ngvi.engine.step.unfused``), not copied into every gather of the log density."""
+    """``mean_k log p(z_k)`` with ``z = draws(noise)`` row by row (``noise`` itself without
+    ``draws``), in chunks of ``chunk`` rows (when they divide the rows) to bound memory; each
+    chunk's draws are made in a kernel of their own (``ngvi.engine.step.unfused``), not copied
+    into every gather of the log density."""
 
     def chunk_logp(e):
-        z = unfused(lambda: draws(e), e)
+        z = e if draws is None else unfused(lambda: draws(e), e)
         return jax.vmap(lambda zi: target.log_density(zi, args, kwargs))(z)
 
     if noise.shape[0] % chunk:
@@ -65,7 +66,7 @@ def make_elbo_scorer(
     d = target.dim
 
     def score(loc, scale, noise):
-        logp = mean_log_density(target, args, kwargs, lambda e: loc + scale * e, noise, chunk)
+        logp = mean_log_density(target, args, kwargs, noise, lambda e: loc + scale * e, chunk)
         return logp + jnp.sum(jnp.log(scale)) + 0.5 * d * math.log(2 * math.pi * math.e)
 
     @jax.jit
