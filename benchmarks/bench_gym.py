@@ -34,7 +34,7 @@ import numpyro
 import numpyro.distributions as dist
 
 from ngvi import MeanFieldGaussian, models
-from ngvi.report.comparison import compare_vi, format_table
+from ngvi.report.comparison import compare_vi, format_table, trace_grad_evals
 from ngvi.report.scoring import first_touch
 
 
@@ -179,7 +179,7 @@ def run_target(name: str, quick: bool) -> dict:
     best = extras["best_elbo"]
     for row, trace in zip(rows, extras["traces"]):
         touch = first_touch(trace.elbo, best, 5.0, trace.steps)
-        row["grad_evals_to_5"] = None if touch is None else touch * trace.grad_evals_per_step
+        row["grad_evals_to_5"] = None if touch is None else trace_grad_evals(trace, touch)
     pf = pathfinder_row(
         model, args, kwargs, best, PATHFINDER_MAXITER.get(name, PATHFINDER_MAXITER_DEFAULT)
     )

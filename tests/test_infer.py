@@ -83,8 +83,9 @@ def test_run_result_api_and_no_recompile():
     state = engine.init(jax.random.PRNGKey(0), *args, **kwargs)
     state, loss = engine.update(state, *args, **kwargs)
     assert np.isfinite(loss) and int(state.step) == 1
-    r1 = engine.run(None, 30, *args, init_state=state, progress_bar=False, **kwargs)
-    r2 = engine.run(None, 30, *args, init_state=r1.state, progress_bar=False, **kwargs)
+    run = dict(progress_bar=False, tol=None)  # every step: the check could end a run early
+    r1 = engine.run(None, 30, *args, init_state=state, **run, **kwargs)
+    r2 = engine.run(None, 30, *args, init_state=r1.state, **run, **kwargs)
     assert int(r2.state.step) == 61
     (fn,) = [f for k, f in engine._jitted.items() if k[0] == "run"]
     assert fn._cache_size() == 1  # the second run reused the compiled chunk

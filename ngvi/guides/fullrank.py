@@ -251,8 +251,9 @@ class FullRankGaussian(Guide):
         hessian: str = "auto",
         precision_schedule: Callable | None = None,
         init_strategy: Callable | None = None,
+        warm_start: bool = True,
     ):
-        super().__init__(model, init_strategy=init_strategy)
+        super().__init__(model, init_strategy=init_strategy, warm_start=warm_start)
         check_positive("init_scale", init_scale)
         if hessian not in _HESSIANS:
             raise ConfigError(f"hessian must be one of {_HESSIANS}, got {hessian!r}.")
@@ -321,6 +322,11 @@ class FullRankGaussian(Guide):
     # -- family ---------------------------------------------------------------------------
     def init_params(self, target: Target) -> dict:
         z0 = jnp.asarray(target.init_z)
+        if target.init_scale is not None:  # the warm start's (Guide.choose_start)
+            return {
+                "loc": z0,
+                "prec_tril": jnp.diag(1.0 / jnp.asarray(target.init_scale, z0.dtype)),
+            }
         return {"loc": z0, "prec_tril": jnp.eye(z0.shape[0], dtype=z0.dtype) / self.init_scale}
 
     def _param_specs(self, target, init):

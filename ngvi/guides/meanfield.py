@@ -48,8 +48,9 @@ class MeanFieldGaussian(Guide):
         coords: str = "natural",
         precision_schedule: Callable | None = None,
         init_strategy: Callable | None = None,
+        warm_start: bool = True,
     ):
-        super().__init__(model, init_strategy=init_strategy)
+        super().__init__(model, init_strategy=init_strategy, warm_start=warm_start)
         check_positive("init_scale", init_scale)
         if coords not in ("natural", "meanscale"):
             raise ConfigError(f"coords must be 'natural' or 'meanscale', got {coords!r}.")
@@ -60,6 +61,8 @@ class MeanFieldGaussian(Guide):
 
     def init_params(self, target: Target) -> dict:
         z0 = jnp.asarray(target.init_z)
+        if target.init_scale is not None:  # the warm start's (Guide.choose_start)
+            return {"loc": z0, "scale": jnp.asarray(target.init_scale, z0.dtype)}
         return {"loc": z0, "scale": jnp.full_like(z0, self.init_scale)}
 
     def _param_specs(self, target, init):

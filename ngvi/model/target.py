@@ -78,6 +78,9 @@ class Target(NamedTuple):
     #: (``MixtureSameFamily``, ``MixtureGeneral``): the posterior, and so the ELBO, has a local
     #: optimum per way of merging or emptying components (``NGVI`` then never claims convergence)
     mixtures: tuple[str, ...] = ()
+    #: (dim,) the start's scale per coordinate (set by the quasi-Newton warm start from its
+    #: Hessian approximation, ``ngvi.guides.warmstart``); None: the guide's own ``init_scale``
+    init_scale: jax.Array | None = None
 
     @property
     def deterministic(self) -> tuple[str, ...]:
