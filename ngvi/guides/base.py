@@ -82,8 +82,9 @@ class Guide:
 
     With ``warm_start=True`` (the Gaussian guides' default) the best candidate then starts an
     L-BFGS path on log p whose points are scored the same way, each with the scale of the L-BFGS
-    Hessian's diagonal, and the best point and scale are the start when they beat the candidate
-    (``ngvi.guides.warmstart``; ``start_path`` records what it found and cost). A model with a
+    Hessian's diagonal, and the best point and scale are the start when the path ended at a mode
+    of log p and they beat the candidate (``ngvi.guides.warmstart``; ``start_path`` records what it
+    found and cost). Without a mode (a funnel's neck) the path is not used. A model with a
     subsampled plate skips it: its log density on one fixed subsample is not the target's.
     """
 
@@ -185,8 +186,9 @@ class Guide:
         return self._target
 
     def _warm_start(self, target: Target, args, kwargs, rng_key: jax.Array) -> Target:
-        """``target`` with the warm start's point and scale when its path found a better start
-        than ``init_z`` with the guide's ``init_scale`` (8 fixed draws score both)."""
+        """``target`` with the warm start's point and scale when its path ended at a mode of log p
+        and found a better start than ``init_z`` with the guide's ``init_scale`` (8 fixed draws
+        score both); the target as it is otherwise."""
         dynamic, spec = split_data(args, dict(kwargs or {}))
         key = jax.random.PRNGKey(0)  # the model's own randomness, fixed as in the start's score
 
@@ -198,7 +200,7 @@ class Guide:
         z0 = jnp.asarray(target.init_z)
         path = warm_start(log_density, dynamic, z0, self.init_scale, eps)
         self.start_path = path
-        if path.elbo > path.start_elbo:
+        if path.at_mode and path.elbo > path.start_elbo:
             return target._replace(init_z=path.z, init_scale=path.scale)
         return target
 

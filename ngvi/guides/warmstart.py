@@ -31,6 +31,13 @@ class WarmStart(NamedTuple):
     scale: jax.Array  # (d,) its scale, diag(B)^-1/2 (the start's scale when the start was best)
     elbo: float  # fixed-noise ELBO of N(z, diag(scale^2))
     start_elbo: float  # the start's, on the same draws
+    #: -log p the L-BFGS model predicts is left to gain at the path's last point,
+    #: ``g^T H g / 2`` (the Newton decrement's half square)
+    left: float
+    #: the path ended at a mode of log p: ``left``, the last step's gain and the diagonal
+    #: decrement ``sum (g s)^2 / 2`` all below ``mode_tol`` (the last two guard against an ``H``
+    #: scaled down by a neck's sharp curvature)
+    at_mode: bool
     iterations: int
     grad_evals: int  # of log p's gradient, the line search's included
     forward_evals: int  # of log p alone, by the scoring (draws x points scored, the start's too)
@@ -46,6 +53,7 @@ def lbfgs_direction(g: jax.Array, S: jax.Array, Y: jax.Array, n: jax.Array) -> j
     """``H g`` by the two-loop recursion (Nocedal and Wright, Alg. 7.4), ``H`` the L-BFGS inverse
     Hessian of the last ``n`` pairs ``(s_i, y_i)`` (rows of ``S``, ``Y``, newest last) with
     ``H_0 = (s^T y / y^T y) I`` of the newest pair; with no pair, ``H_0 = I / max(|g|, 1)``."""
+    S, Y = jnp.asarray(S), jnp.asarray(Y)
     m = S.shape[0]
     valid = _valid(n, m)
     sy = jnp.sum(S * Y, axis=1)
@@ -90,6 +98,8 @@ class _Path(NamedTuple):
     g: jax.Array
     p: jax.Array  # the search direction and its slope g.p
     slope: jax.Array
+    gain: jax.Array  # the last accepted step's decrease of -log p
+    gain_diag: jax.Array  # sum (g s)^2 / 2 at the last point, s its (floored) scale
     t: jax.Array  # the step length on trial
     S: jax.Array  # (memory, d) the pairs kept, newest last
     Y: jax.Array
@@ -115,6 +125,7 @@ def warm_start(
     memory: int = 10,
     patience: int = 10,
     max_halvings: int = 20,
+    mode_tol: float = 0.1,
 ) -> WarmStart:
     """L-BFGS on ``-log_density(z, data)`` from ``z0`` (backtracking Armijo line search), each
     accepted point scored by ``ELBO(z, s) = mean_k log p(z + s eps_k) + sum log s + d/2 log(2 pi
@@ -124,8 +135,12 @@ def warm_start(
     step size decays, so an overconfident start (a scale from a sharp mode, as in a centred
     hierarchy's neck) is the one that costs steps. Stops after ``maxiter`` points, ``patience``
     points without a better one, a line search of ``max_halvings`` without a finite decrease, or
-    a relative change of log p below 1e-7. One compiled loop: each iteration is one gradient
-    evaluation (a trial point) and, when the trial is accepted, one scoring."""
+    a relative change of log p below 1e-7. ``at_mode`` says whether it ended at a mode: less than
+    ``mode_tol`` nats of log p left to gain by the L-BFGS model, gained by the last step and
+    promised by a diagonal Newton step in the scale's metric (``Guide.choose_start`` keeps the
+    path only then: a log density without a mode, a funnel's neck, draws the path into a region
+    from which mean-field steps crawl back along the ridge). One compiled loop: each iteration is
+    one gradient evaluation (a trial point) and, when the trial is accepted, one scoring."""
     d = z0.shape[0]
     const = 0.5 * d * math.log(2 * math.pi * math.e)
     neg = lambda z, data: -log_density(z, data)
@@ -156,6 +171,8 @@ def warm_start(
             g,
             p,
             slope,
+            jnp.asarray(jnp.inf, z0.dtype),
+            jnp.asarray(jnp.inf, z0.dtype),
             one,
             zeros,
             zeros,
@@ -198,6 +215,8 @@ def warm_start(
                 g,
                 jnp.where(ok, p, st.p),
                 jnp.where(ok, slope, st.slope),
+                jnp.where(ok, st.f - f1, st.gain),
+                jnp.where(ok, 0.5 * jnp.sum((g1 * scale) ** 2), st.gain_diag),
                 jnp.where(ok, one, 0.5 * st.t),
                 S,
                 Y,
@@ -222,14 +241,20 @@ def warm_start(
     t1 = time.perf_counter()
     out, start = jax.block_until_ready(compiled(z0, scale0, data))
     seconds = time.perf_counter() - t1
+    left = -0.5 * float(out.slope)
+    # log p has stopped moving, and a diagonal Newton step in the kept scale's metric would gain
+    # little too (in a neck H is scaled down by the sharp curvature, and so is g^T H g)
+    settled = max(float(out.gain), float(out.gain_diag)) < mode_tol
     return WarmStart(
-        out.best_z,
-        out.best_scale,
-        float(out.best),
-        float(start),
-        int(out.iterations),
-        int(out.evals),
-        eps.shape[0] * (1 + int(out.iterations)),
-        seconds,
-        t1 - t0,
+        z=out.best_z,
+        scale=out.best_scale,
+        elbo=float(out.best),
+        start_elbo=float(start),
+        left=left,
+        at_mode=bool(math.isfinite(left) and left < mode_tol and settled),
+        iterations=int(out.iterations),
+        grad_evals=int(out.evals),
+        forward_evals=eps.shape[0] * (1 + int(out.iterations)),
+        seconds=seconds,
+        compile_seconds=t1 - t0,
     )

@@ -57,8 +57,10 @@ class MethodTrace(NamedTuple):
     loc: Any  # final flat (loc, scale)
     scale: Any
     #: the start's cost before step 1 (NGVI's quasi-Newton warm start: gradient evaluations,
-    #: line search included, and its seconds, compile excluded); 0 for ADVI
+    #: line search included; forward evaluations of its scoring; seconds, compile excluded);
+    #: 0 for ADVI
     start_grad_evals: int = 0
+    start_forward_evals: int = 0
     start_seconds: float = 0.0
 
 
@@ -88,7 +90,7 @@ def _time_steps(make_chunk: Callable, state, length: int, reps: int = 5):
 
 
 def _finish(
-    method, settings, every, locs, scales, scorer, grad_evals, timing, start=(0, 0.0)
+    method, settings, every, locs, scales, scorer, grad_evals, timing, start=(0, 0, 0.0)
 ) -> MethodTrace:
     elbo = np.asarray(scorer(locs, scales))
     steps = every * np.arange(len(locs))  # 0: the start
@@ -130,8 +132,7 @@ def trace_ngvi(
     p = engine.num_particles
     settings = {"lr": engine.lr, "num_particles": p}
     path = guide.start_path
-    # its forward evaluations count as NGVI's accept test's do (2 * p per step)
-    start = (0, 0.0) if path is None else (path.grad_evals + path.forward_evals, path.seconds)
+    start = (0, 0, 0.0) if path is None else (path.grad_evals, path.forward_evals, path.seconds)
     return _finish("ngvi", settings, every, locs, scales, scorer, 2 * p, timing, start)
 
 
@@ -183,8 +184,10 @@ def trace_seconds(trace: MethodTrace, steps: int) -> float:
 
 
 def trace_grad_evals(trace: MethodTrace, steps: int) -> int:
-    """Gradient evaluations of the start and ``steps`` steps."""
-    return trace.start_grad_evals + steps * trace.grad_evals_per_step
+    """Log-density evaluations of the start and ``steps`` steps, gradients and forward ones
+    alike (NGVI's accept test and its warm start's scoring are forward evaluations)."""
+    start = trace.start_grad_evals + trace.start_forward_evals
+    return start + steps * trace.grad_evals_per_step
 
 
 def summarize(trace: MethodTrace, best: float, tol: float = 0.1) -> dict:
@@ -201,6 +204,7 @@ def summarize(trace: MethodTrace, best: float, tol: float = 0.1) -> dict:
         f"seconds_to_{tol}": None if stay is None else trace_seconds(trace, stay),
         f"grad_evals_to_{tol}": None if stay is None else trace_grad_evals(trace, stay),
         "start_grad_evals": trace.start_grad_evals,
+        "start_forward_evals": trace.start_forward_evals,
         "ms_per_step": 1e3 * trace.step_seconds,
         "compile_s": trace.compile_seconds,
     }
