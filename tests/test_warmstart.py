@@ -139,8 +139,8 @@ def test_centred_hierarchy_is_not_trapped_in_the_neck():
 
 
 def test_funnel_path_ends_without_a_mode_and_is_not_used():
-    """Neal's funnel (v ~ N(0, 3), 9 x_k ~ N(0, exp(v / 2))) from the default start: the path runs down the
-    neck with a growing L-BFGS decrement (no mode there), so the start stays."""
+    """Neal's funnel (v ~ N(0, 3), 9 x_k ~ N(0, exp(v / 2))) from the default start: the path
+    runs down the neck with a growing L-BFGS decrement (no mode there), so the start stays."""
 
     def funnel():
         v = numpyro.sample("v", dist.Normal(0.0, 3.0))
