@@ -12,7 +12,7 @@ from numpyro.infer import init_to_value
 
 from ngvi import NGVI, FullRankGaussian, MeanFieldGaussian, models
 from ngvi.guides.warmstart import lbfgs_direction, lbfgs_hessian_diag, warm_start
-from ngvi.report.scoring import make_elbo_scorer, meanfield_optimum
+from ngvi.report.scoring import crn_noise, make_elbo_scorer, meanfield_optimum
 
 pytestmark = pytest.mark.x64
 jax.config.update("jax_enable_x64", True)
@@ -107,7 +107,7 @@ def test_logistic_regression_starts_within_a_few_nats_of_the_family_optimum():
     model, args, kwargs = models.load("logistic_regression")
     guide = MeanFieldGaussian(model)
     NGVI(model, guide).init(KEY, *args, **kwargs)
-    score = make_elbo_scorer(guide.target, args, kwargs)
+    score = make_elbo_scorer(guide.target, args, kwargs, crn_noise(guide.target.dim, 1024))
     start = guide.init_params(guide.target)
     loc, scale, best = meanfield_optimum(score, start["loc"], start["scale"])
     cold = MeanFieldGaussian(model, warm_start=False)
