@@ -79,8 +79,8 @@ def _summary_row(name, dim, rows) -> dict:
     ng = next(r for r in rows if r["method"] == "ngvi")
     best = next((r for r in rows if r.get("best_advi")), None)
 
-    def ratio(key):
-        if best is None or best.get(key) is None or ng.get(key) is None:
+    def ratio(key):  # None where undefined (NGVI's warm start can be within 0.1 nat at step 0)
+        if best is None or best.get(key) is None or not ng.get(key):
             return None
         return best[key] / ng[key]
 
