@@ -118,6 +118,7 @@ def test_logistic_regression_starts_within_a_few_nats_of_the_family_optimum():
     assert guide.start_path.grad_evals < 100
 
 
+@pytest.mark.slow  # two fits, 12 s; the funnel test below holds the mode rule in the default run
 def test_centred_hierarchy_is_not_trapped_in_the_neck():
     """The bundled centred hierarchical linear model: its log density has no mode (tau -> 0).
     A start in the neck with the scale of the neck's curvature ended 274 nats short after 600
