@@ -117,6 +117,7 @@ class Guide:
         self.start_scores: dict[str, float] = {}  # ELBO of the initial q per candidate start
         self.warm_start = bool(warm_start)
         self.start_path: WarmStart | None = None  # the warm start's path, when one ran
+        self._start_timing_runs = 0  # extra timed runs of the path (benchmarks' steady state)
         self._target: Target | None = None
         self._data: tuple = ((), {})  # the (args, kwargs) of the last setup
 
@@ -198,8 +199,9 @@ class Guide:
 
         eps = Guide.base_noise(self, rng_key, 8)
         z0 = jnp.asarray(target.init_z)
-        runs = getattr(self, "_start_timing_runs", 0)  # benchmarks' steady-state timing
-        path = warm_start(log_density, dynamic, z0, self.init_scale, eps, timing_runs=runs)
+        path = warm_start(
+            log_density, dynamic, z0, self.init_scale, eps, timing_runs=self._start_timing_runs
+        )
         self.start_path = path
         if path.at_mode and path.elbo > path.start_elbo:
             return target._replace(init_z=path.z, init_scale=path.scale)

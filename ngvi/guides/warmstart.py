@@ -5,9 +5,10 @@ This is Pathfinder's idea (Zhang, Carpenter, Gelman and Vehtari 2022) with a dia
 at each L-BFGS iterate ``z_k`` the start ``q_k = N(z_k, diag(B_k)^-1)`` takes its scale from the
 diagonal of the L-BFGS Hessian approximation ``B_k`` (the mean-field optimum of a Gaussian target
 has precision ``diag(H)``), and its ELBO on one fixed set of draws (common random numbers) picks
-the best ``q_k``. The start itself is ``q_0``: the path is kept only where it is better. A path
-that runs off to a degenerate mode (a funnel's neck, a centred hierarchy's ``tau -> 0``) scores
-worse as it goes, and stops after ``patience`` iterations without a better point.
+the best ``q_k``. The start itself is ``q_0``: the path is kept only where it is better and
+ended at a mode of log p (``WarmStart.at_mode``); a path that runs off into a funnel's neck or a
+centred hierarchy's ``tau -> 0`` is not used, and stops after ``patience`` points without a
+better one.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ def lbfgs_direction(g: jax.Array, S: jax.Array, Y: jax.Array, n: jax.Array) -> j
     sy = jnp.sum(S * Y, axis=1)
     rho = jnp.where(valid, 1.0 / jnp.where(valid, sy, 1.0), 0.0)
     yy = jnp.sum(Y[-1] ** 2)
-    gamma = jnp.where(n > 0, sy[-1] / jnp.where(n > 0, yy, 1.0), 1.0)
-    gamma = jnp.where(n > 0, gamma, 1.0 / jnp.maximum(jnp.linalg.norm(g), 1.0))
+    first = 1.0 / jnp.maximum(jnp.linalg.norm(g), 1.0)  # no pair yet
+    gamma = jnp.where(n > 0, sy[-1] / jnp.where(n > 0, yy, 1.0), first)
 
     def newest_first(q, i):
         a = rho[i] * jnp.dot(S[i], q)
