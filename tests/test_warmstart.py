@@ -82,7 +82,9 @@ def test_path_on_a_gaussian_reaches_the_mean_field_optimum():
     optimum = float(-2.5 - 0.5 * jnp.sum(jnp.log(jnp.diag(prec))))
     assert optimum - elbo(mean + 10.0, jnp.full(5, 0.1)) > 1000
     assert optimum - elbo(out.z, out.scale) < 0.1
-    np.testing.assert_allclose(out.z, mean, atol=1e-2)
+    # the path stops once less than 1e-3 nat of log p is left to gain (by the L-BFGS model, the
+    # last step and a diagonal Newton step): the kept mean is at the mode to far below 0.1 nat
+    assert 0.5 * float((out.z - mean) @ prec @ (out.z - mean)) < 0.01
     assert np.all(np.asarray(out.scale) >= 0.1) and out.elbo > out.start_elbo and out.at_mode
     assert out.grad_evals >= out.iterations + 1 and out.forward_evals == 8 * (out.iterations + 1)
     assert out.seconds >= 0.0 and out.compile_seconds > 0.0
