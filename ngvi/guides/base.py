@@ -118,6 +118,9 @@ class Guide:
         self.warm_start = bool(warm_start)
         self.start_path: WarmStart | None = None  # the warm start's path, when one ran
         self._start_timing_runs = 0  # extra timed runs of the path (benchmarks' steady state)
+        #: the start's compiled programs per data spec (as the engine's steps: traced on the
+        #: first target set up for that spec), so that a second fit does not compile them again
+        self._start_programs: dict = {}
         self._target: Target | None = None
         self._data: tuple = ((), {})  # the (args, kwargs) of the last setup
 
@@ -200,7 +203,13 @@ class Guide:
         eps = Guide.base_noise(self, rng_key, 8)
         z0 = jnp.asarray(target.init_z)
         path = warm_start(
-            log_density, dynamic, z0, self.init_scale, eps, timing_runs=self._start_timing_runs
+            log_density,
+            dynamic,
+            z0,
+            self.init_scale,
+            eps,
+            timing_runs=self._start_timing_runs,
+            cache=self._start_programs.setdefault(("path", spec), {}),
         )
         self.start_path = path
         if path.at_mode and path.elbo > path.start_elbo:
@@ -208,18 +217,22 @@ class Guide:
         return target
 
     def _start_score(self, target: Target, args, kwargs) -> Callable:
-        """A jitted ``(z0, eps) -> ELBO`` of the initial ``q`` centred at ``z0``."""
+        """A jitted ``(z0, eps) -> ELBO`` of the initial ``q`` centred at ``z0`` (compiled once
+        per data spec, ``_start_programs``)."""
         dynamic, spec = split_data(args, dict(kwargs or {}))
         key = jax.random.PRNGKey(0)  # the model's own randomness (subsampling), fixed
+        score = self._start_programs.get(("score", spec))
+        if score is None:
 
-        @jax.jit
-        def score(z0, eps, dynamic):
-            a, k = join_data(dynamic, spec)
-            params = self.init_params(target._replace(init_z=z0))
-            z = self.reparam(params, eps)
-            logp = jax.vmap(lambda zi: target.log_density(zi, a, k, key))(z)
-            return jnp.mean(logp) + self.entropy(params)
+            @jax.jit
+            def score(z0, eps, dynamic):
+                a, k = join_data(dynamic, spec)
+                params = self.init_params(target._replace(init_z=z0))
+                z = self.reparam(params, eps)
+                logp = jax.vmap(lambda zi: target.log_density(zi, a, k, key))(z)
+                return jnp.mean(logp) + self.entropy(params)
 
+            self._start_programs["score", spec] = score
         return lambda z0, eps: score(z0, eps, dynamic)
 
     @property

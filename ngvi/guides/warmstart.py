@@ -128,6 +128,7 @@ def warm_start(
     max_halvings: int = 20,
     mode_tol: float = 0.1,
     timing_runs: int = 0,
+    cache: dict | None = None,
 ) -> WarmStart:
     """L-BFGS on ``-log_density(z, data)`` from ``z0`` (backtracking Armijo line search), each
     accepted point scored by ``ELBO(z, s) = mean_k log p(z + s eps_k) + sum log s + d/2 log(2 pi
@@ -139,21 +140,24 @@ def warm_start(
     points without a better one, a line search of ``max_halvings`` without a finite decrease, a
     relative change of log p below 1e-7, or at a mode to ``mode_tol / 100``: the three
     ``at_mode`` measures below all under 1e-3 nat (on logistic regression, 20 gradients instead
-    of 26 for the same start; further iterations move the mean by less than the ELBO resolves). ``at_mode`` says whether it ended at a mode: less than
-    ``mode_tol`` nats of log p left to gain by the L-BFGS model, gained by the last step and
-    promised by a diagonal Newton step in the scale's metric (``Guide.choose_start`` keeps the
-    path only then: a log density without a mode, a funnel's neck, draws the path into a region
-    from which mean-field steps crawl back along the ridge). One compiled loop: each iteration is
+    of 26 for the same start; further iterations move the mean by less than the ELBO resolves).
+    ``at_mode`` says whether it ended at a mode: less than ``mode_tol`` nats of log p left to
+    gain by the L-BFGS model, gained by the last step and promised by a diagonal Newton step in
+    the scale's metric (``Guide.choose_start`` keeps the path only then: a log density without a
+    mode, a funnel's neck, draws the path into a region from which mean-field steps crawl back
+    along the ridge). One compiled loop: each iteration is
     one gradient evaluation (a trial point) and, when the trial is accepted, one scoring.
     ``seconds`` is the first run's wall-clock, or with ``timing_runs`` the fastest of that many
     more runs (steady state, as benchmarks time steps; the first run of a fresh executable also
-    pays about 2 ms of set-up on CPU)."""
+    pays about 2 ms of set-up on CPU). ``cache``: a dict the caller keeps for this
+    ``log_density``, holding the compiled path per argument shapes and settings, so that a
+    second fit of the same model does not compile it again (``compile_seconds`` is then 0)."""
     d = z0.shape[0]
     const = 0.5 * d * math.log(2 * math.pi * math.e)
     stop_tol = 0.01 * mode_tol
     neg = lambda z, data: -log_density(z, data)
 
-    def score(z, scale, data):
+    def score(z, scale, eps, data):
         lp = jax.vmap(lambda e: log_density(z + scale * e, data))(eps)
         lp = jnp.where(jnp.isfinite(lp), lp, -jnp.inf)  # a non-finite draw disqualifies q
         return jnp.mean(lp) + jnp.sum(jnp.log(scale)) + const
@@ -164,12 +168,12 @@ def warm_start(
         descent = slope < 0
         return jnp.where(descent, p, -g), jnp.where(descent, slope, -jnp.dot(g, g))
 
-    def run(z0, scale0, data):
+    def run(z0, scale0, eps, data):
         f, g = jax.value_and_grad(neg)(z0, data)
         zeros = jnp.zeros((memory, d), z0.dtype)
         n0 = jnp.asarray(0)
         p, slope = direction(g, zeros, zeros, n0)
-        start = score(z0, scale0, data)
+        start = score(z0, scale0, eps, data)
         finite = jnp.isfinite(f) & jnp.all(jnp.isfinite(g))
         one = jnp.asarray(1.0, z0.dtype)
         i0 = jnp.asarray(0)
@@ -208,7 +212,7 @@ def warm_start(
             prec = lbfgs_hessian_diag(S, Y, n)
             good = jnp.isfinite(prec) & (prec > 0)
             scale = jnp.maximum(jnp.where(good, jnp.where(good, prec, 1.0) ** -0.5, 0.0), scale0)
-            value = jax.lax.cond(ok, score, lambda *_: -jnp.inf * one, trial, scale, data)
+            value = jax.lax.cond(ok, score, lambda *_: -jnp.inf * one, trial, scale, eps, data)
             better = ok & (value > st.best)
             since = jnp.where(ok, jnp.where(better, 0, st.since + 1), st.since)
             z, f, g = (jnp.where(ok, a, b) for a, b in ((trial, st.z), (f1, st.f), (g1, st.g)))
@@ -249,14 +253,22 @@ def warm_start(
 
     z0 = jnp.asarray(z0)
     scale0 = jnp.asarray(scale0, z0.dtype) * jnp.ones_like(z0)
-    t0 = time.perf_counter()  # compiled ahead, so that ``seconds`` is the path's own time
-    compiled = jax.jit(run).lower(z0, scale0, data).compile()
+    inputs = (z0, scale0, eps, data)
+    leaves, tree = jax.tree.flatten(inputs)
+    key = (maxiter, memory, patience, max_halvings, mode_tol, tree, *map(jax.typeof, leaves))
+    compiled, compile_seconds = None if cache is None else cache.get(key), 0.0
+    if compiled is None:  # compiled ahead, so that ``seconds`` is the path's own time
+        t0 = time.perf_counter()
+        compiled = jax.jit(run).lower(*inputs).compile()
+        compile_seconds = time.perf_counter() - t0
+        if cache is not None:
+            cache[key] = compiled
     t1 = time.perf_counter()
-    out, start = jax.block_until_ready(compiled(z0, scale0, data))
+    out, start = jax.block_until_ready(compiled(*inputs))
     seconds = time.perf_counter() - t1
     for _ in range(timing_runs):
         t2 = time.perf_counter()
-        jax.block_until_ready(compiled(z0, scale0, data))
+        jax.block_until_ready(compiled(*inputs))
         seconds = min(seconds, time.perf_counter() - t2)
     left = -0.5 * float(out.slope)
     # log p has stopped moving, and a diagonal Newton step in the kept scale's metric would gain
@@ -273,5 +285,5 @@ def warm_start(
         grad_evals=int(out.evals),
         forward_evals=eps.shape[0] * (1 + int(out.iterations)),
         seconds=seconds,
-        compile_seconds=t1 - t0,
+        compile_seconds=compile_seconds,
     )
