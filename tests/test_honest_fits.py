@@ -230,6 +230,33 @@ def test_converged_mean_field_fit_is_within_tol_of_the_family_optimum(name, seed
     assert best - elbo < 0.1
 
 
+def _funnel(dim: int = 9):
+    """Neal's funnel: v ~ N(0, 3), x_i | v ~ N(0, exp(v / 2))."""
+    v = numpyro.sample("v", dist.Normal(0.0, 3.0))
+    numpyro.sample("x", dist.Normal(jnp.zeros(dim), jnp.exp(v / 2.0)).to_event(1))
+
+
+@pytest.mark.slow  # a known silent miss, kept as a failing record (session 13's note)
+@pytest.mark.xfail(
+    strict=True,
+    reason="the check's tail bound assumes the average relaxes within a window; on Neal's funnel "
+    "the mean-field fit crawls along a ridge for ~1000 steps after a fast transient and passes "
+    "0.1-0.3 nat off (a Newton step on the ELBO from the reported fit gains ~0.1 there)",
+)
+@pytest.mark.parametrize("seed", [1, 2])
+def test_converged_funnel_fit_is_within_tol_of_the_family_optimum(seed):
+    """Neal's funnel (d = 10), mean-field, 32 particles: a fit that reports converged is within
+    0.1 nat of the family optimum (BFGS on a 4096-draw fixed-noise ELBO). Measured in float32:
+    converged at step 20-30, 0.14-0.30 nat off, on 8 of 8 seeds; with 8 particles 2 of 8 seeds
+    at step 102, 0.19 and 0.21 off."""
+    guide = MeanFieldGaussian(_funnel)
+    result, _ = _run(NGVI(_funnel, guide, num_particles=32), steps=3000, seed=seed)
+    score = make_elbo_scorer(guide.target, (), {})
+    loc, scale = result.params["loc"], result.params["scale"]
+    best = meanfield_optimum(score, loc, scale)[2]
+    assert not result.converged or best - float(score(loc, scale)) < 0.1
+
+
 @pytest.mark.slow  # ~15 s each
 @pytest.mark.parametrize("name", ["beta_bernoulli", "gamma_poisson"])
 def test_converged_conjugate_family_fit_is_within_tol_of_the_evidence(name):
