@@ -223,10 +223,19 @@ def _verdict(rows) -> None:
     if not (_num(ngvi_row.get(key)) and _num(best.get(key))):
         print("verdict: one of the methods did not stay within 0.1 nat; run longer.")
         return
+    config = f"lr={best['lr']}, particles={int(best['num_particles'])}"
+    if ngvi_row[key] == 0:  # the warm start alone is within 0.1 nat: no step ratio to give
+        print(
+            f"verdict: NGVI's start was already within 0.1 nat (its warm start: "
+            f"{int(ngvi_row['start_grad_evals'])} gradient evaluations, "
+            f"{1e3 * ngvi_row['seconds_to_0.1']:.3g} ms); the best ADVI ({config}) needed "
+            f"{int(best[key])} steps, {1e3 * best['seconds_to_0.1']:.3g} ms."
+        )
+        return
     print(
         f"verdict: NGVI needed {best[key] / ngvi_row[key]:.1f}x fewer steps and "
         f"{best['seconds_to_0.1'] / ngvi_row['seconds_to_0.1']:.1f}x less time than the best "
-        f"ADVI (lr={best['lr']}, particles={int(best['num_particles'])})."
+        f"ADVI ({config})."
     )
 
 

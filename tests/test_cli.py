@@ -192,3 +192,20 @@ def test_missing_model_function_lists_the_functions_the_file_defines(tmp_path, c
     assert f"it defines pooled, hierarchical; name one as {spec}:NAME" in line
     assert main(["fit", "no_such_model"]) == 1
     assert "unknown model 'no_such_model': not a bundled model (" in _error_line(capsys)
+
+
+def test_compare_verdict_when_the_start_is_already_within_tol(capsys):
+    """``ngvi compare`` on a model where NGVI's warm start alone is within 0.1 nat (0 steps,
+    measured on normal_normal) states that, instead of dividing by the 0 steps (it raised
+    ZeroDivisionError); with steps on both sides it gives both ratios."""
+    from ngvi.cli import _verdict
+
+    ngvi_row = {"method": "ngvi", "steps_to_0.1": 0, "seconds_to_0.1": 2e-4, "start_grad_evals": 6}
+    advi = {"method": "advi", "best_advi": True, "lr": 0.05, "num_particles": 1.0}
+    _verdict([ngvi_row, {**advi, "steps_to_0.1": 141, "seconds_to_0.1": 6.7e-4}])
+    out = capsys.readouterr().out
+    assert "already within 0.1 nat" in out and "6 gradient evaluations" in out and "141" in out
+    _verdict(
+        [{**ngvi_row, "steps_to_0.1": 10}, {**advi, "steps_to_0.1": 100, "seconds_to_0.1": 2e-3}]
+    )
+    assert "10.0x fewer steps and 10.0x less time" in capsys.readouterr().out

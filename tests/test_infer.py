@@ -57,8 +57,10 @@ def test_posterior_means_match_nuts(name, steps):
     """NGVI reaches the mean-field family optimum (BFGS on a fixed-noise ELBO), and its posterior
     means are within 0.1 NUTS sd of NUTS wherever the mean-field family itself can be: the family
     optimum's own error (eight schools' tau, 0.22 sd; some correlated logistic weights, up to 0.2
-    sd) is a limit of mean-field Gaussians, which the full-rank guide removes."""
-    model, guide, result, args, kwargs = fit(name, steps)
+    sd) is a limit of mean-field Gaussians, which the full-rank guide removes. All ``steps`` run
+    (``tol=None``): a fit stopped at its 0.1-nat check may sit 0.06 sd from the optimum's means
+    (measured: eight schools from the warm start), which costs it under 0.01 nat."""
+    model, guide, result, args, kwargs = fit(name, steps, tol=None)
     score = make_elbo_scorer(guide.target, args, kwargs)
     loc, scale, best = meanfield_optimum(score, result.params["loc"], result.params["scale"])
     assert best - float(score(result.params["loc"], result.params["scale"])) < 0.1
