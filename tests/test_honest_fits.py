@@ -236,9 +236,12 @@ def _funnel(dim: int = 9):
     numpyro.sample("x", dist.Normal(jnp.zeros(dim), jnp.exp(v / 2.0)).to_event(1))
 
 
-@pytest.mark.slow  # a known silent miss, kept as a failing record (session 13's note)
+# a known silent miss, kept as a failing record (session 13's note). Not strict: another CPU's
+# rounding may give an honest trajectory; an XPASS in the report is the sign to look, and once
+# the check is fixed this marker goes
+@pytest.mark.slow
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,
     reason="the check's tail bound assumes the average relaxes within a window; on Neal's funnel "
     "the mean-field fit crawls along a ridge for ~1000 steps after a fast transient and passes "
     "0.1-0.3 nat off (a Newton step on the ELBO from the reported fit gains ~0.1 there)",
