@@ -145,8 +145,8 @@ def warm_start(
     gain by the L-BFGS model, gained by the last step and promised by a diagonal Newton step in
     the scale's metric (``Guide.choose_start`` keeps the path only then: a log density without a
     mode, a funnel's neck, draws the path into a region from which mean-field steps crawl back
-    along the ridge). One compiled loop: each iteration is
-    one gradient evaluation (a trial point) and, when the trial is accepted, one scoring.
+    along the ridge). One compiled loop: each iteration is one gradient evaluation (a trial
+    point) and, when the trial is accepted, one scoring.
     ``seconds`` is the first run's wall-clock, or with ``timing_runs`` the fastest of that many
     more runs (steady state, as benchmarks time steps; the first run of a fresh executable also
     pays about 2 ms of set-up on CPU). ``cache``: a dict the caller keeps for this
