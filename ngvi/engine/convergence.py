@@ -73,6 +73,9 @@ class CheckInfo(NamedTuple):
     rounds: int  # rounds of num_particles draws the check used
     excess: float = math.nan  # ELBO(average) - ELBO(last iterate) (nats): the iterates' jitter
     particles: int = 0  # num_particles the window before the check ran with
+    #: what the Newton probe of a passed check gained (``ngvi.engine.probe``; NaN if not run)
+    probe_gain: float = math.nan
+    probe_se: float = math.nan
 
 
 def due(state) -> jax.Array:

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ngvi.engine import convergence
+from ngvi.engine import convergence, probe
 from ngvi.engine.checkpoint import load_checkpoint, save_checkpoint
 from ngvi.engine.convergence import CheckInfo
 from ngvi.engine.diagnose import claims_convergence, fit_error_message, warn_if_not_honest
@@ -256,6 +256,20 @@ class NGVI:
             doubled or self.guide.verify_fit(state.avg_params, _join_data(dynamic, spec), key)
         ):
             state, info = state._replace(converged=jnp.array(False)), info._replace(passed=False)
+        if info.passed and self.guide.probed:  # the crawl no trend shows (ngvi.engine.probe)
+            found = self._compiled("probe", spec)(state.avg_params, dynamic, key)
+            refuted, gain, se = probe.refutes(jax.block_until_ready(found.gains), tol)
+            info = info._replace(probe_gain=gain, probe_se=se, passed=not refuted)
+            if refuted:  # go where the probe went; the next window starts there
+                dtype = state.change.dtype
+                state = state._replace(
+                    params=found.params,
+                    avg_params=found.params,
+                    check_params=found.params,
+                    converged=jnp.array(False),
+                    change=jnp.asarray(gain, dtype),
+                    change_se=jnp.asarray(se, dtype),
+                )
         return state, info
 
     @property
@@ -274,14 +288,23 @@ class NGVI:
 
     # -- jitted entry points --------------------------------------------------------------------
     def _compiled(self, name: str, spec, chunk: int = 0):
-        """The jitted ``update``, ``evaluate`` or ``run`` chunk (which stops early at a due
-        convergence check when ``tol > 0``)."""
-        key = (name, spec, chunk, self.guide.step_variant, self.particles)
+        """The jitted ``update``, ``evaluate``, ``probe`` (``ngvi.engine.probe``) or ``run``
+        chunk (which stops early at a due convergence check when ``tol > 0``)."""
+        particles = 0 if name == "probe" else self.particles  # the probe draws its own
+        key = (name, spec, chunk, self.guide.step_variant, particles)
         if key not in self._jitted:
             if name == "update":
 
                 def fn(state, dynamic):
                     return self._step(state, _join_data(dynamic, spec))
+            elif name == "probe":
+
+                def fn(params, dynamic, key):
+                    data = _join_data(dynamic, spec)
+                    sub = self.guide.target.has_subsample
+                    neg_elbo = lambda p, eps, k: self._neg_elbo(p, eps, data, k if sub else None)
+                    metric = self.guide.probe_metric(params)
+                    return probe.newton_probe(neg_elbo, params, metric, self.guide.base_noise, key)
             elif name == "evaluate":
 
                 def fn(state, dynamic, key):

@@ -306,6 +306,17 @@ class Guide:
         convergence. ``data`` is ``(args, kwargs)``. The base family has nothing to verify."""
         return None
 
+    def probe_metric(self, params: dict) -> dict:
+        """The diagonal of the family's Fisher information in its parameters (a pytree like
+        ``params``): the preconditioner of the Newton probe that a passed convergence check must
+        survive (``ngvi.engine.probe``). Families without one are not probed (``probed``)."""
+        raise NotImplementedError
+
+    @property
+    def probed(self) -> bool:
+        """Whether ``NGVI.run`` probes a passed check with Newton steps (``probe_metric``)."""
+        return type(self).probe_metric is not Guide.probe_metric
+
     @property
     def step_variant(self) -> Any:
         """A hashable naming how the family steps now, part of the key of the engine's compiled

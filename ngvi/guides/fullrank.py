@@ -295,6 +295,20 @@ class FullRankGaussian(Guide):
         warnings.warn(msg, KinkWarning, stacklevel=4)
         return msg
 
+    def probe_metric(self, params: dict) -> dict:
+        """The Fisher diagonal of N(loc, (L L^T)^-1) in ``(loc, L)``: ``diag(L L^T)`` for the
+        location and, with ``M = L^-1``, ``|M e_i|^2 + [i = j] / L_ii^2`` for ``L_ij``, i >= j
+        (the Fisher ``tr(S dP S dP) / 2`` with ``dP = dL L^T + L dL^T``, ``S = P^-1``). Infinite
+        above the diagonal: the probe's Newton steps keep the factor lower triangular."""
+        tril = params["prec_tril"]
+        d = tril.shape[-1]
+        inv = solve_triangular(tril, jnp.eye(d, dtype=tril.dtype), lower=True)
+        col = jnp.sum(inv**2, axis=0)  # |M e_i|^2, by the row i of L_ij
+        diag = jnp.diagonal(tril)
+        lower = col[:, None] + jnp.diag(diag**-2)
+        below = jnp.tril(jnp.ones((d, d), dtype=bool))
+        return {"loc": jnp.sum(tril**2, axis=1), "prec_tril": jnp.where(below, lower, jnp.inf)}
+
     def _hessian_diagonals(self, params: dict, data: tuple, rng_key: jax.Array) -> tuple:
         """Per-draw diagonals of ``-hess log p(z)`` (autodiff, ``KINK_DRAWS[0]`` draws) and of
         Stein's ``-g eps^T L^T`` (gradients only, ``KINK_DRAWS[1]`` draws) at ``params``."""

@@ -92,6 +92,11 @@ class MeanFieldGaussian(Guide):
         s2 = params["scale"] ** 2
         return {"loc": 1.0 / s2, "scale": 2.0 / s2}
 
+    def probe_metric(self, params: dict) -> dict:
+        """The Fisher diagonal ``fisher(params)``: at a mean-field optimum it is also the
+        diagonal of the ELBO's Hessian (``E[-diag hess log p] = scale^-2``)."""
+        return self.fisher(params)
+
     @staticmethod
     def fisher_inverse(params: dict, v: dict, damping=0.0) -> dict:
         """(F + damping I)^-1 v in (loc, scale) coordinates, elementwise."""
