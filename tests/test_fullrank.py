@@ -89,6 +89,7 @@ def logistic_fit():
     return model, guide, result, args, kwargs
 
 
+@pytest.mark.slow  # with its fixture ~13 s; the default run keeps the exact Gaussian steps
 def test_logistic_regression_matches_nuts(logistic_fit):
     """Means within 0.1 NUTS sd and marginal sds within 10% of NUTS (4 x 2000 draws): the
     full-rank family captures the correlated weights that mean-field cannot (measured: 0.04 sd
@@ -103,17 +104,26 @@ def test_logistic_regression_matches_nuts(logistic_fit):
         assert np.max(np.abs(sd[layout[site]] / nuts_sd - 1.0)) < 0.10, site
 
 
-def test_sample_posterior_and_predictive(logistic_fit):
-    model, guide, result, args, kwargs = logistic_fit
-    draws = guide.sample_posterior(jax.random.PRNGKey(1), result.params, sample_shape=(2000,))
+def test_sample_posterior_and_predictive():
+    """Draws at given parameters (the start moved: means +0.3, precision factor halved), by
+    ``sample_posterior`` and by NumPyro's ``Predictive`` with ``numpyro_params``."""
+    model, args, kwargs = models.load("logistic_regression")
+    guide = FullRankGaussian(model)
+    start = guide.init_params(guide.setup(KEY, args, kwargs))
+    params = {"loc": start["loc"] + 0.3, "prec_tril": start["prec_tril"] * 0.5}
+    draws = guide.sample_posterior(jax.random.PRNGKey(1), params, sample_shape=(2000,))
     assert draws["w"].shape == (2000, 30) and draws["b"].shape == (2000,)
     layout = guide.target.site_slices()
-    sd = np.asarray(guide.marginal_sd(result.params))
-    err = np.abs(draws["w"].mean(0) - result.params["loc"][layout["w"]]) / sd[layout["w"]]
+    sd = np.asarray(guide.marginal_sd(params))
+    err = np.abs(draws["w"].mean(0) - params["loc"][layout["w"]]) / sd[layout["w"]]
     assert np.max(err) < 0.15  # 2000 draws: 4.5 standard errors
-    params = guide.numpyro_params(result.params)
-    pred = Predictive(model, guide=guide, params=params, num_samples=20)(KEY, *args)
-    assert pred["y"].shape == (20, 569) and set(np.unique(pred["y"])) <= {0.0, 1.0}
+    numpyro_params = guide.numpyro_params(params)
+    pred = Predictive(model, guide=guide, params=numpyro_params, num_samples=400)
+    pred = pred(KEY, *args)
+    assert pred["y"].shape == (400, 569) and set(np.unique(pred["y"])) <= {0.0, 1.0}
+    w = Predictive(model, guide=guide, params=numpyro_params, num_samples=400, return_sites=["w"])
+    err = np.abs(w(KEY, *args)["w"].mean(0) - params["loc"][layout["w"]]) / sd[layout["w"]]
+    assert np.max(err) < 5 / np.sqrt(400)  # the guide's draws, at the given params
 
 
 def test_max_kl_is_honoured_on_every_step():

@@ -145,8 +145,14 @@ class Case:
         self.guide = GUIDES[guide_name](self.model)
         if steps:
             engine = ngvi.NGVI(self.model, self.guide, num_particles=8)
-            self.result = engine.run(
-                KEY, steps, *self.args, progress_bar=False, chunk_size=steps, **self.kwargs
+            self.result = engine.run(  # all the steps: convergence is tested elsewhere
+                KEY,
+                steps,
+                *self.args,
+                progress_bar=False,
+                chunk_size=steps,
+                tol=None,
+                **self.kwargs,
             )
             self.params = self.result.params
         else:

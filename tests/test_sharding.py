@@ -227,6 +227,7 @@ def _assert_same_posterior(fit: dict, ref: dict, ref_other_seed: dict) -> None:
     assert _sd_distance(fit, ref) < 0.1 * noise, (fit, ref, noise)
 
 
+@pytest.mark.slow  # 11-14 s (a subprocess compiles the fit); the slow job also runs the variants
 def test_sharded_fit_matches_one_device(tmp_path):
     """4-device mesh (subprocess) vs one device (this process), same seed, full-data logistic
     regression on 4000 rows; the tolerance's error model is in ``_check_sharded_run``."""
