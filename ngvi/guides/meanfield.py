@@ -103,8 +103,13 @@ class MeanFieldGaussian(Guide):
         f = MeanFieldGaussian.fisher(params)
         return {k: v[k] / (f[k] + damping) for k in ("loc", "scale")}
 
-    def natural_step(self, params: dict, grad: dict, lr, damping, step, ctx=None) -> dict:
-        """One damped natural step on the loss -ELBO, given its gradient ``grad``."""
+    def natural_step(
+        self, params: dict, grad: dict, lr, damping, step, ctx=None, precision_lr=None
+    ) -> dict:
+        """One damped natural step on the loss -ELBO, given its gradient ``grad``.
+        ``precision_lr`` (default ``lr``) scales the precision's step apart from the mean's: a
+        guide that steps its means by a small ``lr`` (``KFACGuide``'s 0.1) keeps the precision a
+        running average of the Hessian estimates (``precision_schedule``'s unit first step)."""
         if self.coords == "meanscale":
             d = self.fisher_inverse(params, grad, damping)
             return {k: params[k] - lr * d[k] for k in params}
@@ -112,7 +117,7 @@ class MeanFieldGaussian(Guide):
         s = scale**-2
         shrink = 1.0 / (1.0 + damping)
         G = grad["scale"] / scale  # = h - s, the natural direction of the precision
-        b = lr * shrink * self.precision_schedule(step)
+        b = (lr if precision_lr is None else precision_lr) * shrink * self.precision_schedule(step)
         s_new = s + b * G + 0.5 * (b * G) ** 2 / s
         loc_new = loc - lr * shrink * grad["loc"] / s_new
         return {"loc": loc_new, "scale": s_new**-0.5}
