@@ -2,6 +2,8 @@
 Fisher, the factor inverse, the one-pass gradient and statistics, and the BNN classifier and
 regressor against mean-field ADVI."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,6 +87,7 @@ def _tiny_regressor(X, y=None, batch_idx=None):
         numpyro.sample("y", dist.Normal(mean, sigma), obs=yb)
 
 
+@functools.lru_cache  # ~6 s to set up (engine init): shared by the tests below, which only read
 def _regressor_step_inputs(fisher):
     """A K-FAC guide on a small BNN regressor, three particles, and the engine's loss for one
     minibatch step."""
@@ -126,12 +129,12 @@ def _scale(x):
     return float(jnp.max(jnp.abs(x)))
 
 
-def test_factors_are_inverted_at_every_update_while_young():
+def test_factors_are_inverted_at_every_update_while_young(monkeypatch):
     """While the running factors have seen fewer than ``1 / stat_decay`` updates every update
     is inverted (stale inverses made the first steps overshoot); afterwards every
     ``inverse_every`` steps."""
     guide, params, loss_and_logp, ctx = _regressor_step_inputs("true")
-    guide.stat_decay = 0.25  # young for the first 4 updates
+    monkeypatch.setattr(guide, "stat_decay", 0.25)  # young for the first 4 updates
     step = jax.jit(lambda p, i: guide.natural_step(p, _zero_grad(p), 0.1, 0.0, i, ctx))
     inverted = []
     for i in range(9):
@@ -140,13 +143,14 @@ def test_factors_are_inverted_at_every_update_while_young():
     assert inverted == [0, 1, 2, 3, 3, 3, 3, 3, 3]  # then the next one at step 13
 
 
-def test_accept_test_reuses_the_weight_perturbations_only_between_refreshes():
+def test_accept_test_reuses_the_weight_perturbations_only_between_refreshes(monkeypatch):
     """The engine scores a proposal on the step's noise; between refreshes (covariance roots
     unchanged) ``reparam_proposal`` reuses the gradient pass's ``S_A E S_G^T``, after a refresh it
     samples afresh; both equal ``reparam(proposal, eps)``. Planted zero perturbations show which
     branch ran."""
     guide, params, loss_and_logp, ctx = _regressor_step_inputs("true")
-    guide.stat_decay = 1.0  # young only at the first update: step 0 refreshes, step 1 does not
+    monkeypatch.setattr(guide, "stat_decay", 1.0)  # young only at the first update: step 0
+    # refreshes, step 1 does not
     vg = jax.jit(lambda p, i: guide.value_and_grad(loss_and_logp, p, i, ctx)[1:])
     with_curv = lambda c: ctx._replace(curvature=c)
     step = jax.jit(lambda p, g, i, c: guide.natural_step(p, g, 0.1, 0.0, i, with_curv(c)))
@@ -174,8 +178,8 @@ def test_sites_outside_the_layers_step_their_precision_at_unit_rate():
     and the mean's steps ``g / s`` would hardly move the site (the zoo's bnn_sine: sigma stayed
     at 0.69-0.77 after 25 epochs, noise 0.2)."""
     guide, params, loss_and_logp, ctx = _regressor_step_inputs("true")
-    grad = jax.grad(lambda p: loss_and_logp(p)[0])(params)
-    new = guide.natural_step(params, grad, 0.1, 0.0, 0, ctx)
+    grad = jax.jit(jax.grad(lambda p: loss_and_logp(p)[0]))(params)
+    new = jax.jit(lambda p, g: guide.natural_step(p, g, 0.1, 0.0, 0, ctx))(params, grad)
     mf = {"loc": params["mf:loc"], "scale": params["mf:scale"]}
     g = {"loc": grad["mf:loc"], "scale": grad["mf:scale"]}
     unit = guide._mf.natural_step(mf, g, 1.0, 0.0, 0)  # lr 1: the precision's unit step
