@@ -382,6 +382,12 @@ def test_a_refuted_pass_moves_the_fit_to_the_probe_and_converges_later(monkeypat
     first = [c for c in refused.checks if math.isfinite(c.probe_gain)][0]
     assert not first.passed and first.step == plain.num_steps
     assert refused.checks[-1].passed and math.isfinite(refused.checks[-1].probe_gain)
+    calls.clear()  # a run that ends at the refused check says so, and what the probe gained
+    ended, caught = _run(NGVI(model, MeanFieldGaussian(model)), *args, steps=first.step, **kwargs)
+    assert not ended.converged and len(calls) == 1
+    (w,) = caught
+    assert w.category is ConvergenceWarning
+    assert f"passed the check at step {first.step}, but Newton steps" in str(w.message)
 
 
 @pytest.mark.slow  # ~15 s each

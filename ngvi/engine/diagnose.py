@@ -72,6 +72,14 @@ def not_converged_cause(engine, state, info, tol: float, checks=()) -> str:
         )
     last = checks[-1] if checks else None
     change, se = float(state.change), float(state.change_se)
+    if last is not None and np.isfinite(last.probe_gain) and not last.passed:
+        return (
+            f"the ELBO's trend passed the check at step {last.step}, but Newton steps from the "
+            f"fit gained {last.probe_gain:.3g} +/- {last.probe_se:.2g} nats on draws they did not "
+            "see (the fit was crawling along a direction its natural steps barely move in, as in "
+            "a funnel); the fit moved to where the Newton steps got: run more steps or continue "
+            "with run(..., init_state=result.state)"
+        )
     if last is None or not np.isfinite(change) or last.bound <= tol:
         return (
             f"only {progress:.3g} unit natural steps were taken (convergence is checked from "
