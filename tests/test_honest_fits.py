@@ -464,6 +464,26 @@ def test_unconverged_fit_warns_with_cause_and_fix():
     assert caught == [], "no check asked for, none reported"
 
 
+def test_a_refused_pass_is_named_in_the_warning():
+    """A run whose last check passed on its trend but did not stand says which refusal it was
+    (noise: the particles doubled; the guide's own verification; the Newton probe), not that too
+    few steps were taken."""
+    from ngvi.engine.convergence import CheckInfo
+    from ngvi.engine.diagnose import not_converged_cause
+
+    engine = type("E", (), {"particles": 16})()
+    state = type("S", (), {"damping": 0.0, "progress": 500.0, "change": 0.01, "change_se": 0.01})
+    info = NGVIInfo(jnp.zeros(500), jnp.ones(500, bool), *(jnp.zeros(500),) * 5)
+    base = CheckInfo(480, 480.0, 0.01, 0.01, 0.0, 0.05, False, 8, 0.01, 8)
+    noisy = not_converged_cause(engine, state, info, 0.1, (base._replace(excess=0.9),))
+    assert "jitter 0.9 nats below their average" in noisy and "now 16" in noisy
+    unverified = not_converged_cause(engine, state, info, 0.1, (base,))
+    assert "the guide could not verify the fit there" in unverified
+    probed = base._replace(probe_gain=0.2, probe_se=0.01)
+    assert "Newton steps" in not_converged_cause(engine, state, info, 0.1, (probed,))
+    assert "only" not in noisy + unverified
+
+
 def test_converged_state_continues_when_asked_for_more_steps():
     model, args, kwargs = models.load("normal_normal")
     engine = NGVI(model, MeanFieldGaussian(model))

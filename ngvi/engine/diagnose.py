@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 
-from ngvi.engine.convergence import MIN_PROGRESS, WINDOW
+from ngvi.engine.convergence import EXCESS_MAX, MIN_PROGRESS, WINDOW
 from ngvi.errors import ConvergenceWarning, NGVIWarning
 
 __all__ = [
@@ -79,6 +79,19 @@ def not_converged_cause(engine, state, info, tol: float, checks=()) -> str:
             "see (the fit was crawling along a direction its natural steps barely move in, as in "
             "a funnel); the fit moved to where the Newton steps got: run more steps or continue "
             "with run(..., init_state=result.state)"
+        )
+    refused = last is not None and last.bound <= tol and progress >= MIN_PROGRESS
+    if refused and last.excess > EXCESS_MAX * tol:
+        return (
+            f"the ELBO's trend passed the last check (step {last.step}), but the iterates "
+            f"jitter {last.excess:.3g} nats below their average, which can bias the average on "
+            f"a curved ELBO, so the check did not stand and the particles were doubled (now "
+            f"{engine.particles}): run more steps, or start with a larger num_particles"
+        )
+    if refused and np.isfinite(change):
+        return (
+            f"the ELBO's trend passed the last check (step {last.step}), but the guide could not "
+            "verify the fit there (its own warning says why): run more steps"
         )
     if last is None or not np.isfinite(change) or last.bound <= tol:
         return (
