@@ -325,6 +325,11 @@ class FullRankGaussian(Guide):
                 exact = -jax.vmap(lambda zi: jnp.diagonal(jax.hessian(logp)(zi)))(
                     self.reparam(params, eps)
                 )
+                # the Stein branch starts after the exact one (XLA may run independent ops at
+                # once): two batched LAPACK calls (a model's own Cholesky / triangular solves,
+                # as in an LGCP) each fanning out into jaxlib 0.10.2's intra-op pool, each
+                # waiting for the other's share of it, froze the zoo's LGCP fit here twice
+                exact, k2 = lax.optimization_barrier((exact, k2))
                 eps = self.base_noise(k2, KINK_DRAWS[1])
                 g = lax.map(jax.grad(logp), self.reparam(params, eps), batch_size=256)
                 return exact, -g * (eps @ params["prec_tril"].T)
