@@ -349,6 +349,20 @@ def test_probe_metrics_are_the_families_fisher_diagonals():
     assert np.all(np.isinf(got[~below]))
 
 
+def test_calls_lapack_finds_factorisations_inside_nested_programs():
+    """The probe and the full-rank curvature check evaluate a model that calls LAPACK one draw
+    at a time (``ngvi.numerics.lapack``: batched LAPACK froze jaxlib 0.10.2's CPU pool): the
+    test finds a Cholesky inside a distribution, under ``lax.cond`` and ``lax.scan``."""
+    from ngvi.numerics.lapack import calls_lapack
+
+    x = jnp.ones(3)
+    mvn = lambda z: dist.MultivariateNormal(jnp.zeros(3), jnp.eye(3) * z[0] ** 2 + 0.1).log_prob(z)
+    assert calls_lapack(mvn, x)
+    assert calls_lapack(lambda z: jax.lax.cond(z[0] > 0, mvn, lambda z: z[0], z), x)
+    assert calls_lapack(lambda z: jax.lax.scan(lambda c, _: (c + mvn(z), None), 0.0, None, 2)[0], x)
+    assert not calls_lapack(lambda z: dist.Normal(0.0, 1.0).log_prob(z).sum(), x)
+
+
 def test_probe_refutes_on_the_gains_lower_confidence_bound():
     gains = np.array([0.07, 0.08, 0.075, 0.072, 0.078, 0.074, 0.071, 0.079])
     refuted, mean, se = probe.refutes(gains, tol=0.1)

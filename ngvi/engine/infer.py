@@ -56,6 +56,7 @@ from ngvi.errors import ConfigError, FitError
 from ngvi.guides.base import Guide
 from ngvi.model.target import join_data as _join_data
 from ngvi.model.target import split_data as _split_data
+from ngvi.numerics.lapack import calls_lapack
 
 __all__ = ["NGVI", "CheckInfo", "NGVIInfo", "NGVIRunResult", "NGVIState", "StepContext"]
 
@@ -300,9 +301,22 @@ class NGVI:
             elif name == "probe":
 
                 def fn(params, dynamic, key):
-                    data = _join_data(dynamic, spec)
-                    sub = self.guide.target.has_subsample
-                    neg_elbo = lambda p, eps, k: self._neg_elbo(p, eps, data, k if sub else None)
+                    args, kwargs = _join_data(dynamic, spec)
+                    target = self.guide.target
+                    sub = target.has_subsample
+
+                    def log_density(zi, k):
+                        return target.log_density(zi, args, kwargs, k if sub else None)
+
+                    # one draw at a time through a model that calls LAPACK (ngvi.numerics.lapack)
+                    lapack = calls_lapack(lambda zi: log_density(zi, key), target.init_z)
+
+                    def neg_elbo(p, eps, k):
+                        z = self.guide.reparam(p, eps)
+                        one = lambda zi: log_density(zi, k)
+                        logp = lax.map(one, z) if lapack else jax.vmap(one)(z)
+                        return -(jnp.mean(logp) + self.guide.entropy(p))
+
                     metric = self.guide.probe_metric(params)
                     return probe.newton_probe(neg_elbo, params, metric, self.guide.base_noise, key)
             elif name == "evaluate":

@@ -116,7 +116,9 @@ def newton_probe(
         eps = base_noise(k_dir, PROBE_DRAWS)
         x = newton_direction(lambda f: neg_elbo(unravel(f), eps, k_dir), flat, m, CG_ITERS)
         eps = base_noise(k_size, PROBE_DRAWS)
-        losses = jax.vmap(lambda c: neg_elbo(unravel(flat + c * x), eps, k_size))(scales)
+        # lax.map, not vmap: a family's own factor (full rank's L) batched over the points
+        # would make its triangular solves batched LAPACK calls (ngvi.numerics.lapack)
+        losses = jax.lax.map(lambda c: neg_elbo(unravel(flat + c * x), eps, k_size), scales)
         gains = losses[0] - losses[1:]
         gains = jnp.where(jnp.isfinite(gains), gains, -jnp.inf)
         best = jnp.argmax(gains)
@@ -128,7 +130,7 @@ def newton_probe(
 
     def batch_gain(k):
         eps = base_noise(k, PROBE_DRAWS // 2)
-        losses = jax.vmap(lambda f: neg_elbo(unravel(f), eps, k))(ends)
+        losses = jax.lax.map(lambda f: neg_elbo(unravel(f), eps, k), ends)
         return losses[0] - losses[1]
 
     keys = jax.random.split(jax.random.fold_in(key, PROBE_ROUNDS), GAIN_BATCHES)

@@ -74,6 +74,7 @@ from jax.scipy.linalg import solve_triangular
 from ngvi.errors import ConfigError
 from ngvi.guides.base import Guide, check_callable, check_positive, default_precision_schedule
 from ngvi.model.target import Target, join_data, split_data
+from ngvi.numerics.lapack import calls_lapack
 
 __all__ = [
     "AUTO_EXACT_MAX_DIM",
@@ -322,16 +323,19 @@ class FullRankGaussian(Guide):
                 logp = lambda zi: target.log_density(zi, args, kwargs, model_key)
                 k1, k2 = jax.random.split(rng_key)
                 eps = self.base_noise(k1, KINK_DRAWS[0])
-                exact = -jax.vmap(lambda zi: jnp.diagonal(jax.hessian(logp)(zi)))(
-                    self.reparam(params, eps)
-                )
+                # one draw at a time through a model that calls LAPACK (ngvi.numerics.lapack)
+                lapack = calls_lapack(logp, target.init_z)
+                each = lax.map if lapack else lambda f, z: jax.vmap(f)(z)
+                hess = lambda zi: jnp.diagonal(jax.hessian(logp)(zi))
+                exact = -each(hess, self.reparam(params, eps))
                 # the Stein branch starts after the exact one (XLA may run independent ops at
                 # once): two batched LAPACK calls (a model's own Cholesky / triangular solves,
                 # as in an LGCP) each fanning out into jaxlib 0.10.2's intra-op pool, each
                 # waiting for the other's share of it, froze the zoo's LGCP fit here twice
                 exact, k2 = lax.optimization_barrier((exact, k2))
                 eps = self.base_noise(k2, KINK_DRAWS[1])
-                g = lax.map(jax.grad(logp), self.reparam(params, eps), batch_size=256)
+                z = self.reparam(params, eps)
+                g = lax.map(jax.grad(logp), z, batch_size=None if lapack else 256)
                 return exact, -g * (eps @ params["prec_tril"].T)
 
             self._diagonals[spec] = diagonals
