@@ -141,13 +141,15 @@ class NGVI:
             params, params, damping, key_run, i0, i0, i0, zero, params, zero, no, nan, nan, one
         )
 
-    def _neg_elbo_and_logp(self, params, eps, data, model_key, z=None):
+    def _neg_elbo_and_logp(self, params, eps, data, model_key, z=None, draw_by_draw=False):
         """(-ELBO, log p(x, z_k) per particle) with -ELBO = -(mean_k log p(x, z_k) + H[q]) and
-        z_k the reparameterized samples (``z`` if given: ``guide.reparam(params, eps)``)."""
+        z_k the reparameterized samples (``z`` if given: ``guide.reparam(params, eps)``), all
+        at once (vmap) or, with ``draw_by_draw``, one at a time (``ngvi.numerics.lapack``)."""
         args, kwargs = data
         target = self.guide.target
         z = self.guide.reparam(params, eps) if z is None else z
-        logp = jax.vmap(lambda zi: target.log_density(zi, args, kwargs, model_key))(z)
+        one = lambda zi: target.log_density(zi, args, kwargs, model_key)
+        logp = lax.map(one, z) if draw_by_draw else jax.vmap(one)(z)
         return -(jnp.mean(logp) + self.guide.entropy(params)), logp
 
     def _neg_elbo(self, params, eps, data, model_key):
@@ -301,21 +303,14 @@ class NGVI:
             elif name == "probe":
 
                 def fn(params, dynamic, key):
-                    args, kwargs = _join_data(dynamic, spec)
-                    target = self.guide.target
-                    sub = target.has_subsample
-
-                    def log_density(zi, k):
-                        return target.log_density(zi, args, kwargs, k if sub else None)
-
+                    data, target = _join_data(dynamic, spec), self.guide.target
+                    mk = lambda k: k if target.has_subsample else None
                     # one draw at a time through a model that calls LAPACK (ngvi.numerics.lapack)
-                    lapack = calls_lapack(lambda zi: log_density(zi, key), target.init_z)
+                    logp = lambda z: target.log_density(z, *data, mk(key))
+                    lapack = calls_lapack(logp, target.init_z)
 
                     def neg_elbo(p, eps, k):
-                        z = self.guide.reparam(p, eps)
-                        one = lambda zi: log_density(zi, k)
-                        logp = lax.map(one, z) if lapack else jax.vmap(one)(z)
-                        return -(jnp.mean(logp) + self.guide.entropy(p))
+                        return self._neg_elbo_and_logp(p, eps, data, mk(k), draw_by_draw=lapack)[0]
 
                     metric = self.guide.probe_metric(params)
                     return probe.newton_probe(neg_elbo, params, metric, self.guide.base_noise, key)

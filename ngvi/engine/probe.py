@@ -44,6 +44,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 __all__ = [
@@ -141,8 +142,6 @@ def refutes(gains, tol: float) -> tuple[bool, float, float]:
     """``(refuted, mean, se)``: whether the probe's gains per batch refute a pass, their mean
     lower confidence bound ``mean - 2 se`` above ``REFUSE * tol`` (module docstring). Batches
     that are not finite are left out; with fewer than four left the probe says nothing."""
-    import numpy as np
-
     g = np.asarray(gains, dtype=np.float64)
     g = g[np.isfinite(g)]
     if g.size < 4:
