@@ -32,8 +32,8 @@ nearly flat: a near-zero eigenvalue makes the Newton step far too long, and a fr
 what gains).
 
 The cost is one compiled program per data layout (the loss, its gradient and Hessian-vector
-products: ~2-3 s of compile, about four times the ``evaluate`` program's) and 1-100 ms a call on
-the bundled models; families without a Fisher diagonal to precondition with
+products: 1.3-2.3 s of compile, about three times the ``evaluate`` program's) and 1.4-94 ms a
+call on the bundled models; families without a Fisher diagonal to precondition with
 (``ExpFamilyGuide``, ``KFACGuide``) are not probed.
 """
 
