@@ -26,6 +26,7 @@ benchmarks/results/gym.json.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import sys
 import time
@@ -89,6 +90,75 @@ def _irt_data(num_students=400, num_questions=100, seed=0):
     return (jnp.asarray(s), jnp.asarray(q)), {"y": jnp.asarray(y)}
 
 
+# -- exact ELBOs where a target has one ----------------------------------------------------------
+#: Gauss-Hermite nodes of item-response's one-dimensional expectations (64 and 128 agree to
+#: 1e-9 nat in float64, ``tests/test_bench_gym.py``)
+HERMITE_NODES = 64
+
+
+def _normal_prior_term(loc, scale) -> jax.Array:
+    """``E_q log N(x | 0, 1)`` summed over coordinates, ``q = N(loc, scale^2)``."""
+    return jnp.sum(-0.5 * math.log(2 * math.pi) - 0.5 * (loc**2 + scale**2))
+
+
+def _entropy(scale) -> jax.Array:
+    return jnp.sum(jnp.log(scale)) + 0.5 * scale.shape[-1] * math.log(2 * math.pi * math.e)
+
+
+def exact_elbo_ill_conditioned(cov):
+    """``ELBO(loc, scale)`` of ``N(loc, diag scale^2)`` against ``N(0, cov)`` in closed form:
+    ``-1/2 (d log 2 pi + log|cov| + loc' P loc + sum_i P_ii scale_i^2) + H[q]``, ``P = cov^-1``.
+    The mean-field optimum is ``loc = 0``, ``scale_i^2 = 1 / P_ii``."""
+    cov = np.asarray(cov, np.float64)
+    prec = np.linalg.inv(cov)
+    d = cov.shape[0]
+    const = -0.5 * (d * math.log(2 * math.pi) + np.linalg.slogdet(cov)[1])
+    real = jnp.result_type(float)  # float32 unless x64 is on
+    prec_j, diag = jnp.asarray(prec, real), jnp.asarray(np.diag(prec), real)
+
+    def elbo(loc, scale):
+        quad = loc @ prec_j @ loc + jnp.sum(diag * scale**2)
+        return const - 0.5 * quad + _entropy(scale)
+
+    return elbo
+
+
+def exact_elbo_item_response(target, student, question, y, nodes: int = HERMITE_NODES):
+    """``ELBO(loc, scale)`` of the mean-field Gaussian on the 1PL model, without Monte Carlo:
+    the priors' terms in closed form, and each answer's ``E_q log sigmoid(+-eta)`` with
+    ``eta = mean + ability_s - difficulty_q ~ N(m, v)`` (a sum of independent Gaussians) by
+    Gauss-Hermite quadrature, ``E f(eta) = pi^-1/2 sum_i w_i f(m + sqrt(2 v) x_i)``."""
+    x, w = np.polynomial.hermite.hermgauss(nodes)
+    real = jnp.result_type(float)  # float32 unless x64 is on
+    x, w = jnp.asarray(x, real), jnp.asarray(w / math.sqrt(math.pi), real)
+    sign = 2.0 * jnp.asarray(y, real) - 1.0
+
+    def elbo(loc, scale):
+        mu, sd = target.unravel(loc), target.unravel(scale)
+        m = mu["mean"] + mu["ability"][student] - mu["difficulty"][question]
+        v = sd["mean"] ** 2 + sd["ability"][student] ** 2 + sd["difficulty"][question] ** 2
+        eta = m[:, None] + jnp.sqrt(2.0 * v)[:, None] * x  # (answers, nodes)
+        loglik = jnp.sum(jax.nn.log_sigmoid(sign[:, None] * eta) @ w)
+        return loglik + _normal_prior_term(loc, scale) + _entropy(scale)
+
+    return elbo
+
+
+def exact_scorer(name: str, target, args, kwargs):
+    """``score(loc, scale, noise=None)`` with the exact ELBO of ``name`` (vectorised over leading
+    dims, ``noise`` ignored), or None where the target has none (then the common-random-numbers
+    scorer serves)."""
+    if name == "ill_conditioned_gaussian":
+        elbo = exact_elbo_ill_conditioned(args[0])
+    elif name == "item_response":
+        elbo = exact_elbo_item_response(target, *args, kwargs["y"])
+    else:
+        return None
+    one = jax.jit(elbo)
+    batched = jax.jit(lambda locs, scales: jax.lax.map(lambda ls: elbo(*ls), (locs, scales)))
+    return lambda loc, scale, noise=None: (one if jnp.ndim(loc) == 1 else batched)(loc, scale)
+
+
 GYM = {  # name: (model, args, kwargs)
     "banana": lambda: (banana, (), {}),
     "ill_conditioned_gaussian": lambda: (
@@ -108,14 +178,11 @@ SETTINGS = {  # target: (ngvi steps, advi steps)
     "funnel": (400, 6000),
     "item_response": (600, 10000),
 }
-#: Scorer draws and ADVI checkpoints where the defaults (4096, 400) do not fit. Item-response's
-#: scorer costs 20,000 answers a draw: 1024 draws keep it to minutes. The ill-conditioned
-#: Gaussian's optimum fitted 4096 draws by 0.42 nat (``score_noise`` in the JSON: the optimum's
-#: ELBO on its own draws minus on independent ones), below the 0.1-nat line, so it takes 16x more.
-SCORING = {
-    "item_response": {"score_draws": 1024, "advi_checkpoints": 100},
-    "ill_conditioned_gaussian": {"score_draws": 65536, "advi_checkpoints": 100},
-}
+#: Scorer draws and ADVI checkpoints where the defaults (4096, 400) do not fit; none now: the two
+#: targets whose Monte Carlo scorer could not resolve 0.1 nat (item-response: a 1024-draw scorer
+#: fitted by its optimum by ~0.5 nat, about p / 2S for p = 1002 parameters and S draws; the
+#: ill-conditioned Gaussian needed 65,536 draws) are scored by their exact ELBO (``exact_scorer``).
+SCORING: dict = {}
 GRID_LR = (0.001, 0.01, 0.05, 0.1)
 GRID_PARTICLES = (1, 8)
 
@@ -176,6 +243,7 @@ def run_target(name: str, quick: bool) -> dict:
     if quick:
         ngvi_steps, advi_steps = ngvi_steps // 2, advi_steps // 4
     model, args, kwargs = load(name)
+    target = MeanFieldGaussian(model).setup(jax.random.PRNGKey(0), args, kwargs)
     rows, extras = compare_vi(
         model,
         *args,
@@ -184,6 +252,7 @@ def run_target(name: str, quick: bool) -> dict:
         advi_lrs=GRID_LR,
         advi_particles=GRID_PARTICLES,
         **SCORING.get(name, {}),
+        scorer=exact_scorer(name, target, args, kwargs),
         **kwargs,
     )
     best = extras["best_elbo"]
