@@ -142,15 +142,8 @@ class NGVI:
         )
 
     def _neg_elbo_and_logp(self, params, eps, data, model_key, z=None, draw_by_draw=False):
-        """(-ELBO, log p(x, z_k) per particle) with -ELBO = -(mean_k log p(x, z_k) + H[q]) and
-        z_k the reparameterized samples (``z`` if given: ``guide.reparam(params, eps)``), all
-        at once (vmap) or, with ``draw_by_draw``, one at a time (``ngvi.numerics.lapack``)."""
-        args, kwargs = data
-        target = self.guide.target
-        z = self.guide.reparam(params, eps) if z is None else z
-        one = lambda zi: target.log_density(zi, args, kwargs, model_key)
-        logp = lax.map(one, z) if draw_by_draw else jax.vmap(one)(z)
-        return -(jnp.mean(logp) + self.guide.entropy(params)), logp
+        """``neg_elbo_and_logp`` of this engine's guide."""
+        return neg_elbo_and_logp(self.guide, params, eps, data, model_key, z, draw_by_draw)
 
     def _neg_elbo(self, params, eps, data, model_key):
         """-ELBO = -(mean_k log p(x, z_k) + H[q]) with z_k the reparameterized samples."""
@@ -292,28 +285,20 @@ class NGVI:
     # -- jitted entry points --------------------------------------------------------------------
     def _compiled(self, name: str, spec, chunk: int = 0):
         """The jitted ``update``, ``evaluate``, ``probe`` (``ngvi.engine.probe``) or ``run``
-        chunk (which stops early at a due convergence check when ``tol > 0``)."""
-        particles = 0 if name == "probe" else self.particles  # the probe draws its own
-        key = (name, spec, chunk, self.guide.step_variant, particles)
+        chunk (which stops early at a due convergence check when ``tol > 0``). The probe is
+        kept on the guide (it draws its own particles and depends on nothing else of the
+        engine), so a second engine on the same guide does not compile it again."""
+        if name == "probe":
+            programs = self.guide._start_programs
+            if ("probe", spec) not in programs:
+                programs["probe", spec] = jax.jit(_probe_program(self.guide, spec))
+            return programs["probe", spec]
+        key = (name, spec, chunk, self.guide.step_variant, self.particles)
         if key not in self._jitted:
             if name == "update":
 
                 def fn(state, dynamic):
                     return self._step(state, _join_data(dynamic, spec))
-            elif name == "probe":
-
-                def fn(params, dynamic, key):
-                    data, target = _join_data(dynamic, spec), self.guide.target
-                    mk = lambda k: k if target.has_subsample else None
-                    # one draw at a time through a model that calls LAPACK (ngvi.numerics.lapack)
-                    logp = lambda z: target.log_density(z, *data, mk(key))
-                    lapack = calls_lapack(logp, target.init_z)
-
-                    def neg_elbo(p, eps, k):
-                        return self._neg_elbo_and_logp(p, eps, data, mk(k), draw_by_draw=lapack)[0]
-
-                    metric = self.guide.probe_metric(params)
-                    return probe.newton_probe(neg_elbo, params, metric, self.guide.base_noise, key)
             elif name == "evaluate":
 
                 def fn(state, dynamic, key):
@@ -489,6 +474,38 @@ class NGVI:
         if not interrupted:
             warn_if_not_honest(self, state, info, tol, checks, stacklevel=3)
         return result
+
+
+def neg_elbo_and_logp(guide: Guide, params, eps, data, model_key, z=None, draw_by_draw=False):
+    """(-ELBO, log p(x, z_k) per particle) with -ELBO = -(mean_k log p(x, z_k) + H[q]) and
+    z_k the reparameterized samples (``z`` if given: ``guide.reparam(params, eps)``), all
+    at once (vmap) or, with ``draw_by_draw``, one at a time (``ngvi.numerics.lapack``)."""
+    args, kwargs = data
+    target = guide.target
+    z = guide.reparam(params, eps) if z is None else z
+    one = lambda zi: target.log_density(zi, args, kwargs, model_key)
+    logp = lax.map(one, z) if draw_by_draw else jax.vmap(one)(z)
+    return -(jnp.mean(logp) + guide.entropy(params)), logp
+
+
+def _probe_program(guide: Guide, spec) -> Callable:
+    """``(params, dynamic data, key) -> ProbeResult``: the Newton probe (``ngvi.engine.probe``)
+    of a passed check, a function of the guide and the data layout only."""
+
+    def fn(params, dynamic, key):
+        data, target = _join_data(dynamic, spec), guide.target
+        mk = lambda k: k if target.has_subsample else None
+        # one draw at a time through a model that calls LAPACK (ngvi.numerics.lapack)
+        logp = lambda z: target.log_density(z, *data, mk(key))
+        lapack = calls_lapack(logp, target.init_z)
+
+        def neg_elbo(p, eps, k):
+            return neg_elbo_and_logp(guide, p, eps, data, mk(k), draw_by_draw=lapack)[0]
+
+        metric = guide.probe_metric(params)
+        return probe.newton_probe(neg_elbo, params, metric, guide.base_noise, key)
+
+    return fn
 
 
 def _should_stop(state: NGVIState, engine: NGVI) -> bool:

@@ -119,7 +119,9 @@ class Guide:
         self.start_path: WarmStart | None = None  # the warm start's path, when one ran
         self._start_timing_runs = 0  # extra timed runs of the path (benchmarks' steady state)
         #: the start's compiled programs per data spec (as the engine's steps: traced on the
-        #: first target set up for that spec), so that a second fit does not compile them again
+        #: first target set up for that spec), so that a second fit does not compile them again;
+        #: the Newton probe's too (``ngvi.engine.probe``: it depends on the guide and the data
+        #: only, so every engine on this guide shares it)
         self._start_programs: dict = {}
         self._target: Target | None = None
         self._data: tuple = ((), {})  # the (args, kwargs) of the last setup
