@@ -40,6 +40,7 @@ from ngvi.guides.params import (
 )
 from ngvi.guides.warmstart import WarmStart, warm_start
 from ngvi.model.target import Target, init_candidates, join_data, make_target, split_data
+from ngvi.numerics import random as fast_random
 
 __all__ = [
     "DEFAULT_STARTS",
@@ -259,8 +260,8 @@ class Guide:
         number of particles gives plain Monte Carlo noise."""
         d = self.target.dim
         if num_particles % 2:
-            return jax.random.normal(rng_key, (num_particles, d))
-        half = jax.random.normal(rng_key, (num_particles // 2, d))
+            return fast_random.normal(rng_key, (num_particles, d))
+        half = fast_random.normal(rng_key, (num_particles // 2, d))
         half = half * jax.lax.rsqrt(jnp.mean(half**2, axis=0))
         return jnp.concatenate([half, -half])
 

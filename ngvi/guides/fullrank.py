@@ -74,6 +74,7 @@ from jax.scipy.linalg import solve_triangular
 from ngvi.errors import ConfigError
 from ngvi.guides.base import Guide, check_callable, check_positive, default_precision_schedule
 from ngvi.model.target import Target, join_data, split_data
+from ngvi.numerics import random as fast_random
 from ngvi.numerics.lapack import calls_lapack
 
 __all__ = [
@@ -102,7 +103,7 @@ def whitened_antithetic_noise(rng_key: jax.Array, num_particles: int, dim: int) 
     The half-sample ``E`` (``P/2 x d``, ``P/2 >= d``) is whitened, ``E <- E C^-T`` with
     ``C C^T = E^T E / (P/2)``, so ``mean(eps) = 0`` and ``mean(eps eps^T) = I`` exactly: then the
     reparameterised mean gradient and the Stein Hessian are exact for a quadratic log density."""
-    half = jax.random.normal(rng_key, (num_particles // 2, dim))
+    half = fast_random.normal(rng_key, (num_particles // 2, dim))
     chol = jnp.linalg.cholesky(half.T @ half / half.shape[0])
     half = solve_triangular(chol, half.T, lower=True).T
     return jnp.concatenate([half, -half])
