@@ -1,8 +1,6 @@
 """The NGVI engine with the mean-field guide: exact posteriors, NUTS references, the run API,
 damping and rejected steps, and the errors for bad input."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,32 +76,6 @@ def test_posterior_means_match_nuts(name, steps):
         assert np.all(err[reachable] < 0.1), (site, err)
         checked.extend(reachable)
     assert np.mean(checked) >= 0.5  # most coordinates are held to the NUTS tolerance
-
-
-def test_run_chunk_factors_a_fixed_covariance_once_not_every_step():
-    """``NGVI._scan`` is a while loop whose body is the step, so XLA hoists a computation on the
-    data alone (here the model's Cholesky of its fixed covariance) out of the loop: the compiled
-    chunk computes it in its entry computation. Under the former scan of ``cond(done, pad,
-    step)`` it sat in the conditional's branch, once a step. The chunk's steps are the same."""
-
-    def model(cov):
-        numpyro.sample("z", dist.MultivariateNormal(jnp.zeros(cov.shape[0]), cov))
-
-    a = np.random.default_rng(0).normal(size=(6, 6))
-    cov = jnp.asarray(a @ a.T + 6 * np.eye(6), jnp.float32)
-    engine = NGVI(model, MeanFieldGaussian(model))
-    state = engine.init(jax.random.PRNGKey(0), cov)
-    dynamic, spec = ngvi.model.target.split_data((cov,), {})
-    fn = engine._compiled("run", spec, 20)
-    hlo = fn.lower(state, dynamic, jnp.asarray(-1.0), state.step + 20).compile().as_text()
-    entry = hlo[hlo.index("ENTRY") :].split("\n}")[0]  # the program's top level, not the loop
-    assert re.search(r'custom_call_target="lapack_[sd]potrf', entry), "Cholesky inside the loop"
-    chunked, _ = fn(state, dynamic, jnp.asarray(-1.0), state.step + 20)
-    stepped = state
-    for _ in range(20):
-        stepped, _ = engine.update(stepped, cov)
-    assert int(chunked.step) == 20
-    np.testing.assert_allclose(chunked.avg_params["loc"], stepped.avg_params["loc"], rtol=1e-5)
 
 
 def test_run_result_api_and_no_recompile():
