@@ -236,8 +236,8 @@ def compare_vi(
     the traces and the family optimum used as the reference."""
     guide = MeanFieldGaussian(model)
     target = guide.setup(jax.random.PRNGKey(0), args, kwargs)
-    exact = scorer is not None
-    if not exact:
+    given = scorer is not None
+    if not given:
         scorer = make_elbo_scorer(target, args, kwargs, crn_noise(target.dim, score_draws))
     every = every or max(1, ngvi_steps // 200)
     traces = [trace_ngvi(model, args, kwargs, ngvi_steps, every, scorer, rng_key)]
@@ -254,10 +254,10 @@ def compare_vi(
     best = max([opt] + [float(np.nanmax(t.elbo)) for t in traces])
     rows = [summarize(t, best, tol) for t in traces]
     _flag_best_advi(rows, tol)
-    # how much the optimum fitted the scorer's own noise: its ELBO on independent draws (an
-    # exact scorer has none)
+    # how much the optimum fitted the scorer's own noise: its ELBO on independent draws (none
+    # for a given scorer: its draws, if any, are not ours to redraw)
     noise = None
-    if not exact:
+    if not given:
         noise = opt - float(scorer(loc, scale, crn_noise(target.dim, score_draws, seed=1)))
     return rows, {"traces": traces, "best_elbo": best, "dim": target.dim, "score_noise": noise}
 
