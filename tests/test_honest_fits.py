@@ -511,6 +511,33 @@ def test_a_refused_pass_is_named_in_the_warning():
     assert "only" not in noisy + unverified
 
 
+def test_a_damped_fit_that_moves_is_not_called_frozen():
+    """A damping held at a few units (an ill-conditioned log density: the mean's Jacobi step
+    needs it) cuts each step to a third while the fit keeps moving: the warning names what the
+    last check found (here: a change within its own noise), not "the fit barely moved". A
+    damping in the thousands, or a quarter of the steps rejected, is a frozen fit."""
+    from ngvi.engine.convergence import CheckInfo
+    from ngvi.engine.diagnose import FROZEN, not_converged_cause, recent_progress
+
+    engine = type("E", (), {"particles": 8})()
+    n = 3000
+    accepted = jnp.asarray(np.arange(n) % 10 != 0)  # 10% rejected
+    flat = CheckInfo(2962, 792.0, 0.022, 0.014, 0.0007, 0.1009, False, 240, 0.044, 8)
+
+    def cause(damping):
+        state = type("S", (), {"damping": damping, "progress": 792.0})
+        state.change, state.change_se = flat.change, flat.se
+        info = NGVIInfo(jnp.zeros(n), accepted, jnp.full(n, damping), *(jnp.zeros(n),) * 4)
+        return recent_progress(info), not_converged_cause(engine, state, info, 0.1, (flat,))
+
+    moving, msg = cause(2.5)
+    assert moving == pytest.approx(0.9 / 3.5) and moving > FROZEN
+    assert "could not resolve tol=0.1" in msg and "raise num_particles" in msg
+    assert "barely moved" not in msg
+    frozen, msg = cause(3.5e3)
+    assert frozen < FROZEN and "the damping grew to 3.5e+03" in msg and "barely moved" in msg
+
+
 def test_converged_state_continues_when_asked_for_more_steps():
     model, args, kwargs = models.load("normal_normal")
     engine = NGVI(model, MeanFieldGaussian(model))
