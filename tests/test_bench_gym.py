@@ -46,7 +46,7 @@ def test_ill_conditioned_exact_elbo_matches_monte_carlo_and_its_optimum():
     assert abs(float(exact(loc, scale)) - mean) < 4 * se + 1e-9
     # the mean-field optimum in closed form: loc = 0, scale_i^-2 = (cov^-1)_ii
     opt_scale = jnp.asarray(np.diag(np.linalg.inv(np.asarray(cov))) ** -0.5)
-    grads = jax.grad(lambda l, s: exact(l, s), argnums=(0, 1))(jnp.zeros(8), opt_scale)
+    grads = jax.grad(lambda m, s: exact(m, s), argnums=(0, 1))(jnp.zeros(8), opt_scale)
     assert max(float(jnp.max(jnp.abs(g))) for g in grads) < 1e-8
     assert float(exact(jnp.zeros(8), opt_scale)) > float(exact(loc, scale))
 

@@ -25,10 +25,10 @@ def _same(a, b) -> bool:
 def test_split_and_fold_in_are_jax_randoms_bits(key):
     for n in (1, 2, 3, 8):
         assert _same(fast.split(key, n), jax.random.split(key, n))
-        assert _same(jax.jit(lambda k: fast.split(k, n))(key), jax.random.split(key, n))
+        assert _same(jax.jit(lambda k, n=n: fast.split(k, n))(key), jax.random.split(key, n))
     for data in (0, 1, 3, 2**31 + 5):
         assert _same(fast.fold_in(key, data), jax.random.fold_in(key, data))
-        jitted = jax.jit(lambda k: fast.fold_in(k, data))(key)
+        jitted = jax.jit(lambda k, data=data: fast.fold_in(k, data))(key)
         assert _same(jitted, jax.random.fold_in(key, data))
 
 
@@ -37,11 +37,11 @@ def test_normal_is_jax_randoms_bits(key):
     for shape in SHAPES:
         ref = jax.random.normal(key, shape)
         assert _same(fast.normal(key, shape), ref)
-        assert _same(jax.jit(lambda k: fast.normal(k, shape))(key), ref)
+        assert _same(jax.jit(lambda k, shape=shape: fast.normal(k, shape))(key), ref)
     with jax.enable_x64(True):
         for dtype in (jnp.float64, jnp.float32):
             ref = jax.random.normal(key, (4, 9), dtype)
-            assert _same(jax.jit(lambda k: fast.normal(k, (4, 9), dtype))(key), ref)
+            assert _same(jax.jit(lambda k, dtype=dtype: fast.normal(k, (4, 9), dtype))(key), ref)
 
 
 def test_normal_draws_standard_normals():

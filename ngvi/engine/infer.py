@@ -49,7 +49,6 @@ from ngvi.engine.step import (
     judge,
     levenberg_marquardt,
     trust_region,
-    unfused,
     value_and_grad_dropping_non_finite,
 )
 from ngvi.errors import ConfigError, FitError
@@ -57,6 +56,7 @@ from ngvi.guides.base import Guide
 from ngvi.model.target import join_data as _join_data
 from ngvi.model.target import split_data as _split_data
 from ngvi.numerics import random as fast_random
+from ngvi.numerics.fusion import unfused
 from ngvi.numerics.lapack import calls_lapack
 
 __all__ = ["NGVI", "CheckInfo", "NGVIInfo", "NGVIRunResult", "NGVIState", "StepContext"]
@@ -152,7 +152,7 @@ class NGVI:
 
     def _draws(self, draws: Callable, eps):
         """``draws()``, as a kernel of its own on CPU when the guide's draws are elementwise
-        (``Guide.elementwise_draws``, ``step.unfused``)."""
+        (``Guide.elementwise_draws``, ``ngvi.numerics.fusion.unfused``)."""
         return unfused(draws, eps) if self.guide.elementwise_draws else draws()
 
     def _step(self, state: NGVIState, data) -> tuple[NGVIState, NGVIInfo]:

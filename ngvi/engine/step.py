@@ -15,6 +15,7 @@ import numpy as np
 from jax import lax
 
 from ngvi.guides.base import tree_vdot
+from ngvi.numerics.fusion import unfused
 
 __all__ = [
     "Verdict",
@@ -62,23 +63,6 @@ def mc_error(diff: jax.Array) -> jax.Array:
     if n < 2:
         return jnp.zeros((), diff.dtype)
     return jnp.std(units, ddof=1) / jnp.sqrt(n)
-
-
-def unfused(thunk: Callable[[], Any], like: Any) -> Any:
-    """``thunk()``, computed on CPU as a kernel of its own rather than inside its consumers.
-
-    Both branches of ``lax.cond(pred, thunk, thunk)`` are ``thunk``, so the value is the same
-    whatever the predicate (read from ``like``'s first entry only so that it is not a constant
-    XLA could fold). XLA's CPU fusion otherwise copies a cheap producer into every consumer: the
-    reparameterised draws ``loc + scale * eps`` were recomputed inside each gather of a log
-    density that indexes them, and a forward pass over 8 draws of a 501-dimensional
-    item-response model took 3-4 ms instead of 0.7-0.9 (its gradient pass, which keeps the draws
-    for the backward pass, was not affected). On other backends a conditional waits for its
-    predicate on the host, so there it is plain ``thunk()``."""
-    if jax.default_backend() != "cpu":
-        return thunk()
-    pred = jnp.isfinite(jnp.ravel(jax.tree.leaves(like)[0])[0])
-    return lax.cond(pred, thunk, thunk)
 
 
 def all_finite(tree) -> jax.Array:

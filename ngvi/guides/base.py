@@ -101,9 +101,10 @@ class Guide:
 
     #: True when ``reparam`` is elementwise in the noise (``loc + scale * eps``): on CPU the
     #: engine then makes the accept test's and ``evaluate``'s draws a kernel of their own
-    #: (``ngvi.engine.step.unfused``). False for draws through a solve or a matrix product: inside
-    #: the conditional that ``unfused`` uses, XLA:CPU deadlocked on a full-rank fit (all threads
-    #: idle, the run waiting on them), and such draws are not fused into their consumers anyway.
+    #: (``ngvi.numerics.fusion.unfused``). False for draws through a solve or a matrix product:
+    #: inside the conditional that ``unfused`` uses, XLA:CPU deadlocked on a full-rank fit (all
+    #: threads idle, the run waiting on them), and such draws are not fused into their consumers
+    #: anyway.
     elementwise_draws: bool = False
 
     def __init__(

@@ -94,7 +94,7 @@ def normal(key, shape: tuple[int, ...], dtype=None) -> jax.Array:
     draw = lambda k: _normal_bits(k, shape, dtype)
     # a kernel of its own (both branches are the same): XLA would otherwise copy the hash into
     # each consumer of the noise (an antithetic concatenate computed it once per output element:
-    # steps 15-50% slower). ``ngvi.engine.step.unfused``'s trick, but with a predicate read from
+    # steps 15-50% slower). ``ngvi.numerics.fusion.unfused``'s trick, but with a predicate read from
     # the integer key: its ``isfinite`` of an integer is a constant, and the cond would fold away
     return lax.cond(key[0] == key[0], draw, draw, key)
 

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.optimize import minimize
 
-from ngvi.engine.step import unfused
 from ngvi.model.target import Target
+from ngvi.numerics.fusion import unfused
 
 __all__ = [
     "crn_noise",
@@ -42,7 +42,7 @@ def mean_log_density(
 ) -> jax.Array:
     """``mean_k log p(z_k)`` with ``z = draws(noise)`` row by row (``noise`` itself without
     ``draws``), in chunks of ``chunk`` rows (when they divide the rows) to bound memory; each
-    chunk's draws are made in a kernel of their own (``ngvi.engine.step.unfused``), not copied
+    chunk's draws are made in a kernel of their own (``ngvi.numerics.fusion.unfused``), not copied
     into every gather of the log density."""
 
     def chunk_logp(e):
