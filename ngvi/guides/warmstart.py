@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ngvi.numerics.fusion import unfused
+
 __all__ = ["WarmStart", "lbfgs_direction", "lbfgs_hessian_diag", "warm_start"]
 
 
@@ -158,7 +160,10 @@ def warm_start(
     neg = lambda z, data: -log_density(z, data)
 
     def score(z, scale, eps, data):
-        lp = jax.vmap(lambda e: log_density(z + scale * e, data))(eps)
+        # the draws as a kernel of their own, not recomputed in each gather of the log density
+        # (item-response, d = 501: the path took 4x as long)
+        draws = unfused(lambda: z + scale * eps, eps)
+        lp = jax.vmap(lambda zi: log_density(zi, data))(draws)
         lp = jnp.where(jnp.isfinite(lp), lp, -jnp.inf)  # a non-finite draw disqualifies q
         return jnp.mean(lp) + jnp.sum(jnp.log(scale)) + const
 
