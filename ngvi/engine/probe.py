@@ -103,11 +103,20 @@ def newton_direction(loss: Callable, flat: jax.Array, metric: jax.Array, iters: 
 
 
 def newton_probe(
-    neg_elbo: Callable, params, metric, base_noise: Callable, key: jax.Array
+    neg_elbo: Callable,
+    params,
+    metric,
+    base_noise: Callable,
+    key: jax.Array,
+    forward: Callable | None = None,
 ) -> ProbeResult:
     """The module docstring's probe from ``params``. ``neg_elbo(params, eps, key)`` is -ELBO on
     the base noise ``eps`` (``key``: the model's own randomness, a minibatch), ``base_noise(key,
-    n)`` draws ``n`` of it, ``metric`` is the Fisher diagonal (a pytree like ``params``)."""
+    n)`` draws ``n`` of it, ``metric`` is the Fisher diagonal (a pytree like ``params``).
+    ``forward`` (default ``neg_elbo``): the same loss for the evaluations that are not
+    differentiated (each round's step sizes, the gains), e.g. with its draws made apart
+    (``ngvi.numerics.fusion.unfused``)."""
+    forward = neg_elbo if forward is None else forward
     flat0, unravel = ravel_pytree(params)
     m = ravel_pytree(metric)[0]
     scales = jnp.asarray((0.0,) + SCALES, flat0.dtype)  # 0: the round's starting point
@@ -119,7 +128,7 @@ def newton_probe(
         eps = base_noise(k_size, PROBE_DRAWS)
         # lax.map, not vmap: a family's own factor (full rank's L) batched over the points
         # would make its triangular solves batched LAPACK calls (ngvi.numerics.lapack)
-        losses = jax.lax.map(lambda c: neg_elbo(unravel(flat + c * x), eps, k_size), scales)
+        losses = jax.lax.map(lambda c: forward(unravel(flat + c * x), eps, k_size), scales)
         gains = losses[0] - losses[1:]
         gains = jnp.where(jnp.isfinite(gains), gains, -jnp.inf)
         best = jnp.argmax(gains)
@@ -131,7 +140,7 @@ def newton_probe(
 
     def batch_gain(k):
         eps = base_noise(k, PROBE_DRAWS // 2)
-        losses = jax.lax.map(lambda f: neg_elbo(unravel(f), eps, k), ends)
+        losses = jax.lax.map(lambda f: forward(unravel(f), eps, k), ends)
         return losses[0] - losses[1]
 
     keys = jax.random.split(jax.random.fold_in(key, PROBE_ROUNDS), GAIN_BATCHES)
