@@ -5,7 +5,8 @@ import (``jax.config.update("jax_enable_x64", True)`` above its constants, which
 in float64). Collecting a module restores the switch afterwards, so that one module's import does
 not turn the whole session to float64; the autouse fixture below turns it on again while the
 marked module's tests run and restores it after. ``JAX_ENABLE_X64=1 python -m pytest`` runs the
-whole suite in float64 (``.ci/run-slow`` does both).
+whole suite in float64 (``.ci/run-slow`` does both), but for modules marked ``float32``, whose
+subject is float32 itself.
 
 Suite time (issue 16): XLA compiles, not runs, dominate the default run, so it compiles without
 LLVM's optimisation passes and caches every compiled program for the run (below).
@@ -96,11 +97,17 @@ def pytest_make_collect_report(collector):
 
 @pytest.fixture(autouse=True, scope="module")
 def _x64_for_marked_modules(request):
-    """jax_enable_x64 on for the tests of a module marked ``x64``, restored afterwards."""
-    if request.node.get_closest_marker("x64") is None:
+    """jax_enable_x64 on for the tests of a module marked ``x64``, off for one marked
+    ``float32`` (its subject is float32 itself: a near-singular posterior that float64 resolves
+    raises no warning there), restored afterwards."""
+    if request.node.get_closest_marker("x64") is not None:
+        want = True
+    elif request.node.get_closest_marker("float32") is not None:
+        want = False
+    else:
         yield
         return
     before = _x64()
-    jax.config.update("jax_enable_x64", True)
+    jax.config.update("jax_enable_x64", want)
     yield
     jax.config.update("jax_enable_x64", before)

@@ -12,6 +12,8 @@ import pytest
 from ngvi import NGVI
 from ngvi.guides.fullrank import FullRankGaussian, NearSingularWarning, ibr_precision
 
+pytestmark = pytest.mark.float32  # float32 even in the float64 run (tests/conftest.py)
+
 KEY = jax.random.PRNGKey(0)
 
 

@@ -200,7 +200,10 @@ def jittered_cholesky(matrix: jax.Array, first: jax.Array, tries: int = JITTER_T
 
     def retry(state):
         j, _ = state
-        return j + 1, jnp.linalg.cholesky(matrix + eps * 10.0**j * scale * eye)
+        # 10 in the matrix's dtype: a Python 10.0 ** traced int32 is float64 under x64, and a
+        # float32 fit would then carry a float64 factor out of the loop (a TypeError)
+        ten = jnp.asarray(10.0, matrix.dtype)
+        return j + 1, jnp.linalg.cholesky(matrix + eps * ten**j * scale * eye)
 
     j, chol = jax.lax.while_loop(again, retry, (jnp.zeros((), jnp.int32), first))
     tau = jnp.where(j == 0, 0.0, eps * 10.0 ** (j - 1).astype(matrix.dtype))
