@@ -10,7 +10,12 @@ import numpyro.distributions as dist
 import pytest
 
 from ngvi import NGVI
-from ngvi.guides.fullrank import FullRankGaussian, NearSingularWarning, ibr_precision
+from ngvi.guides.fullrank import (
+    FullRankGaussian,
+    NearSingularWarning,
+    ibr_precision,
+    jittered_cholesky,
+)
 
 pytestmark = pytest.mark.float32  # float32 even in the float64 run (tests/conftest.py)
 
@@ -32,6 +37,18 @@ def test_whitened_update_survives_a_condition_number_beyond_one_over_eps():
         assert bool(jnp.all(jnp.isfinite(new))) and bool(jnp.all(jnp.diagonal(new) > 0))
         assert float(jitter) == 0.0
     np.testing.assert_allclose(ibr_precision(tril, h, 0.1)[0], tril, rtol=1e-3, atol=1e-3)
+
+
+def test_jittered_cholesky_keeps_a_float32_factor_under_x64():
+    """A float32 matrix whose Cholesky needs jitter, with float64 switched on for the process:
+    the retries' jitter ``eps 10^j`` is in the matrix's dtype, so the factor stays float32 (a
+    Python ``10.0 ** j`` of a traced int is float64 there: the loop raised a TypeError)."""
+    singular = jnp.asarray([[1.0, 1.0], [1.0, 1.0]], jnp.float32)
+    with jax.enable_x64(True):
+        chol, tau = jax.jit(jittered_cholesky)(singular, jnp.full((2, 2), jnp.nan, jnp.float32))
+    assert chol.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(chol)))
+    assert 0.0 < float(tau) < 1e-3
+    np.testing.assert_allclose(chol @ chol.T, singular, atol=1e-3)
 
 
 def collinear(X, y=None):
