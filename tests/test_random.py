@@ -60,3 +60,21 @@ def test_typed_keys_fall_back_to_jax_random():
     assert bool(jnp.all(fast.normal(key, (3,)) == jax.random.normal(key, (3,))))
     keys = fast.split(key, 2)
     assert bool(jnp.all(jax.random.key_data(keys) == jax.random.key_data(jax.random.split(key))))
+
+
+def test_written_out_when_traced_and_jax_random_when_eager():
+    """Inside a compiled program the hash is written out (the lowered program has no loop: JAX's
+    own CPU lowering of Threefry is a rolled loop); an eager call goes to ``jax.random``'s own
+    cached program, since the written-out path would compile its conditional afresh on every
+    eager call (~0.1 s: a guide's start drew its noise eagerly twice a fit)."""
+    key = KEYS[0]
+    for f in (
+        lambda k: fast.normal(k, (4, 9)),
+        lambda k: fast.split(k, 3),
+        lambda k: fast.fold_in(k, 3),
+    ):
+        assert "while" not in jax.jit(f).lower(key).as_text()
+    assert "while" in jax.jit(lambda k: jax.random.normal(k, (4, 9))).lower(key).as_text()
+    seen = []
+    jax.jit(lambda k: seen.append(fast._fast(k)) or k)(key)
+    assert seen == [True] and not fast._fast(key)

@@ -10,9 +10,9 @@ module's prototype).
 
 The numbers are the same bits as ``jax.random.split(key, n)``, ``jax.random.fold_in(key, i)``
 and ``jax.random.normal(key, shape, dtype)`` for a raw ``uint32[2]`` Threefry key under JAX's
-default (partitionable) Threefry (``tests/test_random.py`` checks equality); any other key,
-backend or setting falls back to ``jax.random`` itself, so a fit is the same whichever path drew
-its noise.
+default (partitionable) Threefry (``tests/test_random.py`` checks equality); an eager call
+(outside a compiled program) and any other key, backend or setting fall back to ``jax.random``
+itself, so a fit is the same whichever path drew its noise.
 """
 
 from __future__ import annotations
@@ -46,11 +46,13 @@ def threefry2x32(k1, k2, x1, x2) -> tuple[jax.Array, jax.Array]:
 
 
 def _fast(key) -> bool:
-    """Whether ``key`` takes the written-out path: a raw uint32[2] Threefry key on CPU under
-    the partitionable Threefry ``jax.random`` uses by default."""
+    """Whether ``key`` takes the written-out path: a raw uint32[2] Threefry key, traced (inside
+    a compiled program: called eagerly, the path would compile its conditional afresh, ~0.1 s a
+    call, where ``jax.random``'s own cached program gives the same bits), on CPU under the
+    partitionable Threefry ``jax.random`` uses by default."""
     return (
         jax.default_backend() == "cpu"
-        and isinstance(key, (jax.Array, np.ndarray))
+        and isinstance(key, jax.core.Tracer)
         and not jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
         and key.dtype == np.uint32
         and key.shape == (2,)
