@@ -500,15 +500,17 @@ def _probe_program(guide: Guide, spec) -> Callable:
         logp = lambda z: target.log_density(z, *data, mk(key))
         lapack = calls_lapack(logp, target.init_z)
 
-        def neg_elbo(p, eps, k, apart=False):
-            z = unfused(lambda: guide.reparam(p, eps), eps) if apart else None
+        def neg_elbo(p, eps, k, z=None):
             return neg_elbo_and_logp(guide, p, eps, data, mk(k), z, draw_by_draw=lapack)[0]
 
-        # the forward-only evaluations with their draws made apart (ngvi.numerics.fusion: XLA
-        # fused them into each gather of the log density; the probe of a 501-dimensional
-        # item-response fit took 5.6 s, 2.5 s apart); the differentiated ones as they were
-        apart = (lambda p, eps, k: neg_elbo(p, eps, k, True)) if guide.elementwise_draws else None
+        def forward(p, eps, k):
+            # the forward-only evaluations with their draws made apart (ngvi.numerics.fusion:
+            # XLA fused them into each gather of the log density; the probe of a 501-dimensional
+            # item-response fit took 5.6 s, 2.5 s apart); the differentiated ones as they were
+            return neg_elbo(p, eps, k, unfused(lambda: guide.reparam(p, eps), eps))
+
         metric = guide.probe_metric(params)
+        apart = forward if guide.elementwise_draws else None
         return probe.newton_probe(neg_elbo, params, metric, guide.base_noise, key, apart)
 
     return fn
