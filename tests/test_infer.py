@@ -1,6 +1,8 @@
 """The NGVI engine with the mean-field guide: exact posteriors, NUTS references, the run API,
 damping and rejected steps, and the errors for bad input."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,6 +121,65 @@ def test_tolerance_stops_early_and_reports_the_step():
     r = engine.run(jax.random.PRNGKey(0), 2000, *args, tol=1e-6, progress_bar=False, **kwargs)
     assert r.converged and r.num_steps < 2000
     assert r.losses.shape == (r.num_steps,) and int(r.state.step) == r.num_steps
+
+
+def _mvn_with_data_cov(cov):
+    numpyro.sample("z", dist.MultivariateNormal(jnp.zeros(cov.shape[0]), cov))
+
+
+def _computations(hlo: str) -> dict[str, str]:
+    """An optimized HLO module's computations, name -> body text."""
+    bodies, name = {}, None
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head:
+            name, bodies[head.group(1)] = head.group(1), ""
+        elif name is not None:
+            bodies[name] += line + "\n"
+    return bodies
+
+
+def _reachable(bodies: dict[str, str], root: str) -> set[str]:
+    """The computations ``root`` calls, itself included (fusions, conditionals' branches,
+    nested loops...)."""
+    calls = r"(?:calls|to_apply|body|condition|branch_computations|true_computation|" + (
+        r"false_computation)=(\{[^}]*\}|%[\w.\-]+)"
+    )
+    seen, todo = set(), [root]
+    while todo:
+        c = todo.pop()
+        if c not in seen and c in bodies:
+            seen.add(c)
+            todo += re.findall(r"%([\w.\-]+)", " ".join(re.findall(calls, bodies[c])))
+    return seen
+
+
+def test_run_loop_hoists_data_only_work_out_of_its_steps():
+    """A model whose data only enter through a Cholesky factor (``MultivariateNormal`` given its
+    covariance as data): the compiled run chunk factors it once, outside its loop. Stepping
+    through ``lax.cond(done, pad, step)`` in a scan factored it on every step (XLA does not hoist
+    out of a conditional's branch; fails on 6a70c0d). The run still stops where ``update`` would
+    and its steps are ``update``'s, bit for bit."""
+    d = 20
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    cov = jnp.asarray((q * np.logspace(-1, 1, d)) @ q.T)
+    engine = NGVI(_mvn_with_data_cov, MeanFieldGaussian(_mvn_with_data_cov))
+    state = engine.init(jax.random.PRNGKey(0), cov)
+    dynamic, spec = ngvi.model.target.split_data((cov,), {})
+    fn = engine._compiled("run", spec, 10)
+    hlo = fn.lower(state, dynamic, jnp.asarray(-1.0), state.step + 10).compile().as_text()
+    assert "potrf" in hlo  # the factorization is in the program...
+    bodies = _computations(hlo)
+    (body,) = re.findall(r"while\(.*?body=%([\w.\-]+)", hlo)
+    assert not [c for c in _reachable(bodies, body) if "potrf" in bodies[c]]  # ...not in the loop
+    stepped = state
+    for _ in range(7):
+        stepped, _ = engine.update(stepped, cov)
+    ran, info = fn(state, dynamic, jnp.asarray(-1.0), state.step + 7)
+    assert int(ran.step) == 7 and np.asarray(info.ran).tolist() == [True] * 7 + [False] * 3
+    for a, b in zip(jax.tree.leaves(ran.params), jax.tree.leaves(stepped.params)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_non_finite_step_is_rejected_and_damping_rises():

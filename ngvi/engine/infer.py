@@ -317,18 +317,38 @@ class NGVI:
         return self._jitted[key]
 
     def _scan(self, state, data, tol, stop_at, chunk):
-        def body(s, _):
-            done = (
+        """Up to ``chunk`` steps, stopping before the first step at which the run is done; the
+        infos of the steps not taken are padding (``ran=False``).
+
+        A while loop whose body is the bare step, not a scan of ``lax.cond(done, pad, step)``:
+        XLA hoists what depends on the data alone (the Cholesky factor of a
+        ``MultivariateNormal(covariance_matrix=cov)``, say) out of a loop body but not out of a
+        conditional's branch, so the conditional paid it on every step (the 100-dimensional
+        ill-conditioned Gaussian of ``benchmarks/bench_gym.py``: 52 -> 28 us a step), and a run
+        that stops early no longer steps through its padding. The steps are the same
+        computation, bit for bit."""
+
+        def done(s):
+            return (
                 (s.step >= stop_at)
                 | s.converged
                 | (s.consecutive_rejected >= self.max_rejections)
                 | ((tol > 0) & convergence.due(s))
             )
-            i0, nan = jnp.zeros((), jnp.int32), jnp.full((), jnp.nan, s.damping.dtype)
-            pad = NGVIInfo(nan, jnp.array(False), s.damping, nan, i0, i0, jnp.array(False))
-            return lax.cond(done, lambda s: (s, pad), lambda s: self._step(s, data), s)
 
-        return lax.scan(body, state, None, length=chunk)
+        i0, nan = jnp.zeros((), jnp.int32), jnp.full((), jnp.nan, state.damping.dtype)
+        pad = NGVIInfo(nan, jnp.array(False), state.damping, nan, i0, i0, jnp.array(False))
+        infos = jax.tree.map(lambda x: jnp.broadcast_to(x, (chunk,) + jnp.shape(x)), pad)
+
+        def body(carry):
+            i, s, infos = carry
+            s, info = self._step(s, data)
+            return i + 1, s, jax.tree.map(lambda a, x: a.at[i].set(x), infos, info)
+
+        _, state, infos = lax.while_loop(
+            lambda carry: (carry[0] < chunk) & ~done(carry[1]), body, (i0, state, infos)
+        )
+        return state, infos
 
     def update(self, state: NGVIState, *args, **kwargs) -> tuple[NGVIState, jax.Array]:
         """One natural step; returns the new state and the loss (-ELBO) it started from."""
