@@ -13,6 +13,7 @@ from numpyro.infer import Predictive
 
 import ngvi
 from ngvi import NGVI, ConfigError, DataError, MeanFieldGaussian, ModelError, models
+from ngvi.numerics.lapack import batched_lapack
 from ngvi.report.scoring import make_elbo_scorer, meanfield_optimum
 
 jax.config.update("jax_enable_x64", True)
@@ -180,6 +181,34 @@ def test_run_loop_hoists_data_only_work_out_of_its_steps():
     assert int(ran.step) == 7 and np.asarray(info.ran).tolist() == [True] * 7 + [False] * 3
     for a, b in zip(jax.tree.leaves(ran.params), jax.tree.leaves(stepped.params)):
         np.testing.assert_array_equal(a, b)
+
+
+def _mvn_with_latent_scale(chol):
+    amp = numpyro.sample("amp", dist.HalfNormal(1.0))
+    numpyro.sample("f", dist.MultivariateNormal(jnp.zeros(chol.shape[0]), scale_tril=amp * chol))
+
+
+def _run_loop(model, arg) -> tuple[bool, str]:
+    """(batched LAPACK in the step, the run chunk's loop primitive), after checking 40 steps."""
+    engine = NGVI(model, MeanFieldGaussian(model))
+    state = engine.init(jax.random.PRNGKey(0), arg)
+    data = ((arg,), {})
+    batched = batched_lapack(lambda s: engine._step(s, data), state)
+    jaxpr = jax.make_jaxpr(lambda s: engine._scan(s, data, -1.0, s.step + 5, 5))(state)
+    (loop,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name in ("scan", "while")]
+    result = engine.run(jax.random.PRNGKey(1), 40, arg, progress_bar=False, tol=None)
+    assert result.num_steps == 40 and np.all(np.isfinite(result.losses))
+    return batched, loop.primitive.name
+
+
+def test_steps_with_batched_lapack_keep_the_scan_of_conditionals():
+    """A prior factored per draw (the zoo's LGCP: a latent amplitude times a fixed Cholesky
+    factor) makes batched LAPACK calls, which froze jaxlib 0.10.2 when the run chunk's while
+    loop let XLA run two at once: such a step stays in a scan of ``lax.cond`` (its loop body is
+    a conditional); a fixed covariance applied to many draws is one call and gets the loop."""
+    chol = jnp.linalg.cholesky(jnp.eye(6) + 0.5)
+    assert _run_loop(_mvn_with_latent_scale, chol) == (True, "scan")
+    assert _run_loop(_mvn_with_data_cov, chol @ chol.T) == (False, "while")
 
 
 def test_non_finite_step_is_rejected_and_damping_rises():

@@ -57,7 +57,7 @@ from ngvi.model.target import join_data as _join_data
 from ngvi.model.target import split_data as _split_data
 from ngvi.numerics import random as fast_random
 from ngvi.numerics.fusion import unfused
-from ngvi.numerics.lapack import calls_lapack
+from ngvi.numerics.lapack import batched_lapack, calls_lapack
 
 __all__ = ["NGVI", "CheckInfo", "NGVIInfo", "NGVIRunResult", "NGVIState", "StepContext"]
 
@@ -320,13 +320,16 @@ class NGVI:
         """Up to ``chunk`` steps, stopping before the first step at which the run is done; the
         infos of the steps not taken are padding (``ran=False``).
 
-        A while loop whose body is the bare step, not a scan of ``lax.cond(done, pad, step)``:
-        XLA hoists what depends on the data alone (the Cholesky factor of a
-        ``MultivariateNormal(covariance_matrix=cov)``, say) out of a loop body but not out of a
-        conditional's branch, so the conditional paid it on every step (the 100-dimensional
-        ill-conditioned Gaussian of ``benchmarks/bench_gym.py``: 52 -> 28 us a step), and a run
-        that stops early no longer steps through its padding. The steps are the same
-        computation, bit for bit."""
+        A while loop whose body is the bare step: XLA hoists what depends on the data alone (the
+        Cholesky factor of a ``MultivariateNormal(covariance_matrix=cov)``, say) out of a loop
+        body, not out of a conditional's branch, and a scan of ``lax.cond(done, pad, step)`` paid
+        it every step (the 100-dimensional ill-conditioned Gaussian of
+        ``benchmarks/bench_gym.py``: 52 -> 28 us a step); a chunk that stops early no longer steps
+        through its padding; the steps are the same computation. A step that makes batched
+        LAPACK calls (``ngvi.numerics.lapack.batched_lapack``: the zoo's log-Gaussian Cox
+        process, whose GP prior is factored per draw) keeps the scan of conditionals: in the
+        while loop XLA ran two of them at once and jaxlib 0.10.2 froze (its full-rank fits, in
+        both dtypes; reverted in 8e495fc)."""
 
         def done(s):
             return (
@@ -337,8 +340,17 @@ class NGVI:
             )
 
         i0, nan = jnp.zeros((), jnp.int32), jnp.full((), jnp.nan, state.damping.dtype)
-        pad = NGVIInfo(nan, jnp.array(False), state.damping, nan, i0, i0, jnp.array(False))
-        infos = jax.tree.map(lambda x: jnp.broadcast_to(x, (chunk,) + jnp.shape(x)), pad)
+
+        def pad(s):
+            return NGVIInfo(nan, jnp.array(False), s.damping, nan, i0, i0, jnp.array(False))
+
+        if batched_lapack(self._step, state, data):
+
+            def scanned(s, _):
+                return lax.cond(done(s), lambda s: (s, pad(s)), lambda s: self._step(s, data), s)
+
+            return lax.scan(scanned, state, None, length=chunk)
+        infos = jax.tree.map(lambda x: jnp.broadcast_to(x, (chunk,) + jnp.shape(x)), pad(state))
 
         def body(carry):
             i, s, infos = carry
