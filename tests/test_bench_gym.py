@@ -69,3 +69,42 @@ def test_targets_without_an_exact_elbo_get_none():
     model, args, kwargs = bg.load("banana")
     target = MeanFieldGaussian(model).setup(jax.random.PRNGKey(0), args, kwargs)
     assert bg.exact_scorer("banana", target, args, kwargs) is None
+
+
+def _diagonal_gaussian(m, v):
+    import numpyro
+    import numpyro.distributions as dist
+
+    numpyro.sample("z", dist.Normal(m, jnp.sqrt(v)).to_event(1))
+
+
+def test_noise_floor_oracle_against_its_closed_form():
+    """``benchmarks/bench_noise_floor.py`` on N(m, diag v), whose mean-field optimum is the
+    target: the default antithetic, moment-matched noise makes both estimates exact (the oracle
+    stays at the optimum); one plain draw a step leaves the oracle d / T nats short after T
+    steps (1 / 2T a coordinate from the mean, whose estimate has variance v / T, and 1 / 2T from
+    the precision, relative variance 2 / T)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from benchmarks import bench_noise_floor as nf
+
+    d = 20
+    rng = np.random.default_rng(0)
+    m, v = jnp.asarray(rng.normal(size=d)), jnp.asarray(np.exp(rng.normal(size=d)))
+    guide = MeanFieldGaussian(_diagonal_gaussian)
+    guide.setup(jax.random.PRNGKey(0), (m, v), {})
+
+    def elbo(loc, scale):  # exact, vectorised over leading dims
+        terms = -0.5 * jnp.log(2 * jnp.pi * v) - ((loc - m) ** 2 + scale**2) / (2 * v)
+        return jnp.sum(terms + jnp.log(scale), -1) + 0.5 * d * np.log(2 * np.pi * np.e)
+
+    loc, scale = m, jnp.sqrt(v)
+    best = float(elbo(loc, scale))
+    steps = nf.GRID[-1]
+    for k in (8, 1):
+        g, h = nf.estimates(guide, (m, v), {}, loc, scale, k, steps, jax.random.PRNGKey(k))
+        gaps = nf.oracle_gaps(elbo, loc, scale, g, h, best)
+        if k == 8:
+            assert max(abs(x) for t in nf.GRID for x in gaps[t]) < 1e-9
+        else:
+            for t in (200, steps):
+                assert np.mean(gaps[t]) == pytest.approx(d / t, rel=0.3)
