@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.extend.core import jaxpr_as_fun
 
 from ngvi.engine import convergence, probe
 from ngvi.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -344,17 +345,24 @@ class NGVI:
         def pad(s):
             return NGVIInfo(nan, jnp.array(False), s.damping, nan, i0, i0, jnp.array(False))
 
-        if batched_lapack(self._step, state, data):
+        # the step traced once: its jaxpr says which loop, and is the loop's body
+        closed, shapes = jax.make_jaxpr(self._step, return_shape=True)(state, data)
+        out_tree = jax.tree.structure(shapes)
+
+        def step(s):
+            return jax.tree.unflatten(out_tree, jaxpr_as_fun(closed)(*jax.tree.leaves((s, data))))
+
+        if batched_lapack(closed):
 
             def scanned(s, _):
-                return lax.cond(done(s), lambda s: (s, pad(s)), lambda s: self._step(s, data), s)
+                return lax.cond(done(s), lambda s: (s, pad(s)), step, s)
 
             return lax.scan(scanned, state, None, length=chunk)
         infos = jax.tree.map(lambda x: jnp.broadcast_to(x, (chunk,) + jnp.shape(x)), pad(state))
 
         def body(carry):
             i, s, infos = carry
-            s, info = self._step(s, data)
+            s, info = step(s)
             return i + 1, s, jax.tree.map(lambda a, x: a.at[i].set(x), infos, info)
 
         _, state, infos = lax.while_loop(

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+from jax.extend.core import ClosedJaxpr
 
 __all__ = ["LAPACK_PRIMITIVES", "batched_lapack", "calls_lapack"]
 
@@ -58,12 +59,13 @@ def calls_lapack(fn: Callable, *example) -> bool:
     return any(eqn.primitive.name in LAPACK_PRIMITIVES for eqn in _equations(jaxpr))
 
 
-def batched_lapack(fn: Callable, *example) -> bool:
-    """Whether ``fn(*example)`` (traced, not run) makes a *batched* LAPACK call: one whose matrix
-    operand has batch dimensions (a model's factorisation of a latent-dependent matrix under
-    ``vmap`` over draws), the calls that can freeze jaxlib 0.10.2 (module docstring). A fixed
-    matrix applied to many draws (a triangular solve with many right-hand sides) is one call."""
-    jaxpr = jax.make_jaxpr(fn)(*example).jaxpr
+def batched_lapack(fn: Callable | ClosedJaxpr, *example) -> bool:
+    """Whether ``fn(*example)`` (traced, not run; or ``fn`` a ``ClosedJaxpr`` already traced)
+    makes a *batched* LAPACK call: one whose matrix operand has batch dimensions (a model's
+    factorisation of a latent-dependent matrix under ``vmap`` over draws), the calls that can
+    freeze jaxlib 0.10.2 (module docstring). A fixed matrix applied to many draws (a triangular
+    solve with many right-hand sides) is one call."""
+    jaxpr = (fn if isinstance(fn, ClosedJaxpr) else jax.make_jaxpr(fn)(*example)).jaxpr
     return any(
         eqn.primitive.name in LAPACK_PRIMITIVES and eqn.invars and len(eqn.invars[0].aval.shape) > 2
         for eqn in _equations(jaxpr)
