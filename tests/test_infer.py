@@ -211,6 +211,21 @@ def test_steps_with_batched_lapack_keep_the_scan_of_conditionals():
     assert _run_loop(_mvn_with_data_cov, chol @ chol.T) == (False, "while")
 
 
+def _sized_model(n, y=None):
+    """``n`` a Python int: a shape, which must stay static through the run loop."""
+    mu = numpyro.sample("mu", dist.Normal(jnp.zeros(n), 1.0).to_event(1))
+    numpyro.sample("y", dist.Normal(jnp.sum(mu), 1.0), obs=y)
+
+
+def test_static_data_stay_static_in_the_run_loop():
+    """The run chunk traces its step to choose its loop: a Python int among the data (a size)
+    must reach the model as a Python int (traced as data it raised "Shapes must be 1D sequences
+    of concrete values" on 1f25946, and the zoo's radon, IRT and GMM fits with it)."""
+    engine = NGVI(_sized_model, MeanFieldGaussian(_sized_model))
+    result = engine.run(jax.random.PRNGKey(0), 50, 3, y=jnp.asarray(1.0), progress_bar=False)
+    assert result.params["loc"].shape == (3,) and np.all(np.isfinite(result.losses))
+
+
 def test_non_finite_step_is_rejected_and_damping_rises():
     """The log density is NaN beyond z = 1 while its optimum is at 5: the unit step overshoots
     into the NaN region, is rejected (parameters kept bit for bit) and the damping rises until

@@ -345,12 +345,13 @@ class NGVI:
         def pad(s):
             return NGVIInfo(nan, jnp.array(False), s.damping, nan, i0, i0, jnp.array(False))
 
-        # the step traced once: its jaxpr says which loop, and is the loop's body
-        closed, shapes = jax.make_jaxpr(self._step, return_shape=True)(state, data)
+        # the step traced once: its jaxpr says which loop, and is the loop's body (the data
+        # closed over, as the model sees them: sizes and other static values stay Python values)
+        closed, shapes = jax.make_jaxpr(lambda s: self._step(s, data), return_shape=True)(state)
         out_tree = jax.tree.structure(shapes)
 
         def step(s):
-            return jax.tree.unflatten(out_tree, jaxpr_as_fun(closed)(*jax.tree.leaves((s, data))))
+            return jax.tree.unflatten(out_tree, jaxpr_as_fun(closed)(*jax.tree.leaves(s)))
 
         if batched_lapack(closed):
 
